@@ -1,0 +1,190 @@
+"""Base LightningDataModule shared by every dataset in interpzoo.
+
+Contract (see ``ARCHITECTURE.md``): every dataset item is a ``dict`` with
+
+* ``"image"``: ``(C, H, W)`` float tensor in ``[0, 1]`` (not normalised: every interpzoo network
+  normalises its own input with the ``mean``/``std`` of :attr:`BaseDataModule.data_info`, so
+  explanations, push crops and bundles all work on plain images), or ``"features"``: ``(F,)`` float
+  for tabular data;
+* ``"label"``: long scalar;
+* ``"index"``: long scalar, the sample's global index in its split (push, reports, DDP merges);
+* optional ``"concepts"`` ``(K,)`` multi-hot float, ``"part_masks"`` ``(P, H, W)`` bool,
+  ``"landmarks"`` ``(P, 2)`` float ``(x, y)`` pixel coordinates and ``"landmark_visible"`` ``(P,)`` bool.
+
+The default collate turns these into the batch dict the LightningModules read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(RuntimeError):
+    """A dataset is missing or malformed; the message says what to put where."""
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/val split of ``range(n)``: the same on every rank and every run."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).tolist()
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n_val == 0 and n > 1:
+        n_val = 1
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+class IndexedSubset(Subset):
+    """A ``Subset`` whose items keep ``"index"`` equal to the position inside the subset.
+
+    Push, reports and DDP merges address samples by this index, so it must be the index of the
+    dataset the loader iterates, not of the parent dataset.
+    """
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        item = dict(self.dataset[self.indices[idx]])
+        item["index"] = torch.tensor(idx, dtype=torch.long)
+        return item
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        # torch >= 2.14 requires subclasses overriding __getitem__ to define the batched form too.
+        return [self[i] for i in indices]
+
+
+class BaseDataModule(pl.LightningDataModule):
+    """Shared loader logic; subclasses implement :meth:`_build` and :attr:`data_info`.
+
+    Args:
+        batch_size: global batch size; divided by the world size under DDP (LHT convention).
+        num_workers: DataLoader workers.
+        pin_memory: DataLoader ``pin_memory``.
+        val_fraction: fraction of the training split held out for validation when the dataset
+            has no validation split (no model selection on the test set).
+        seed: seed of the train/val split.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.push_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # -- to implement -------------------------------------------------------------------------
+    def _build(self) -> None:
+        """Create ``train_set``, ``val_set``, ``test_set`` and optionally ``push_set``."""
+        raise NotImplementedError
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        """Plain-data description of the inputs and labels.
+
+        Keys: ``task`` ("classification" or "reconstruction"), ``input_kind`` ("image" or
+        "tabular"), ``num_classes``, ``in_chans``, ``image_size`` ``[H, W]`` (images),
+        ``num_features`` (tabular), ``mean``, ``std``, ``class_names``, ``concept_names``,
+        ``part_names``, ``feature_names``.
+        """
+        raise NotImplementedError
+
+    # -- lightning hooks ------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self._build()
+            if self.push_set is None:
+                self.push_set = self.train_set
+
+    @property
+    def per_device_batch_size(self) -> int:
+        world = 1
+        if self.trainer is not None:
+            world = max(1, self.trainer.world_size)
+        if self.batch_size % world != 0:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is not divisible by the world size {world}; "
+                f"set data.batch_size to a multiple of {world}."
+            )
+        return self.batch_size // world
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        if dataset is None:
+            self.setup()
+            raise RuntimeError("setup() did not create the requested split")
+        return DataLoader(
+            dataset,
+            batch_size=self.per_device_batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def push_dataloader(self) -> DataLoader:
+        """Un-augmented training images in a fixed order, each with its ``"index"``.
+
+        Used by procedures that scan the training set (ProtoPNet push, prototype metrics,
+        top-activating image reports). Not wrapped in a DistributedSampler by Lightning:
+        callers that shard it under DDP do so explicitly.
+        """
+        self.setup()
+        return self._loader(self.push_set, shuffle=False)
+
+    def concept_datasets(self, split: str = "train") -> dict[str, Dataset]:
+        """One dataset of images per concept (concept whitening probe sets).
+
+        ``split`` is "train" (used to align axes) or "test" (held out for concept AUC).
+        """
+        raise DataError(
+            f"{type(self).__name__} has no concept probe sets; use data=partshapes, or an image "
+            "folder datamodule with concepts.train_dir / concepts.test_dir set."
+        )
+
+    def concept_dataloaders(self, split: str = "train", batch_size: int | None = None) -> dict[str, DataLoader]:
+        self.setup()
+        bs = batch_size or self.per_device_batch_size
+        return {
+            name: DataLoader(ds, batch_size=bs, shuffle=split == "train", num_workers=0)
+            for name, ds in self.concept_datasets(split).items()
+        }
+
+
+def class_names_or_default(names: Sequence[str] | None, num_classes: int) -> list[str]:
+    return list(names) if names is not None else [str(i) for i in range(num_classes)]

@@ -1,0 +1,213 @@
+"""LightningDataModule for the procedural PartShapes dataset (see :mod:`datamodules.partshapes`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from datamodules.base import BaseDataModule, DataError
+from datamodules.partshapes import (
+    PartShapesConceptDataset,
+    PartShapesDataset,
+    PartShapesRenderer,
+)
+
+DEFAULT_PROBE_CONCEPTS: tuple[str, ...] = (
+    "has_red",
+    "has_blue",
+    "has_circle",
+    "has_triangle",
+    "has_striped",
+    "has_checker",
+)
+
+
+def _opt_list(x: Sequence[Any] | None) -> list[Any] | None:
+    return None if x is None else list(x)
+
+
+class PartShapesDataModule(BaseDataModule):
+    """PartShapes train/val/test splits with ground-truth parts, concepts, landmarks and probe sets.
+
+    Every constructor argument is plain data, so ``hydra.utils.instantiate`` can build it. The dataset
+    has its own validation split (``n_val`` samples with their own seeds), so ``val_fraction`` is not
+    used. Items follow :mod:`datamodules.base`, plus ``"part_boxes"`` ``(K, 4)``; see
+    :class:`datamodules.partshapes.PartShapesDataset`.
+
+    Defaults are an easy, learnable task: a width-16 ResNet-18 (CIFAR stem) reaches 100 % validation
+    accuracy after one CPU epoch on the 4,000 default training images (measured).
+
+    Args:
+        image_size: side in pixels (32-64).
+        num_classes, num_slots, h_min: class design (C classes over K slots, Hamming distance >= h_min).
+        n_train, n_val, n_test: split sizes.
+        seed: base seed of the samples (and of the classes unless ``class_seed`` is set).
+        class_seed: seed of the class definitions.
+        noise_std: per-pixel noise sigma in 0..255 units.
+        num_distractors: up to this many distractor objects per image.
+        part_dropout: train-only probability of dropping 1..K-1 parts.
+        spurious_rho: train-only probability that the background hue encodes the class.
+        grayscale: 1-channel images.
+        concepts: concept names of the probe sets (default ``DEFAULT_PROBE_CONCEPTS`` that exist in the
+            vocabulary).
+        n_concept_train, n_concept_test: probe images per concept for "train" / "test".
+        shapes, colours, textures, part_names: vocabulary overrides (names).
+        scale_range: part size as a fraction of the image side.
+        position_jitter: per-part position jitter sigma as a fraction of the image side.
+        random_rotation: randomly rotate the layout (slot position uninformative).
+        cache: pre-render every split into memory at setup.
+        return_concept_masks: add ``"concept_masks"`` ``(N, H, W)`` to every item.
+        batch_size, num_workers, pin_memory: loader settings (see :class:`BaseDataModule`).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        num_classes: int = 10,
+        num_slots: int = 4,
+        h_min: int = 2,
+        n_train: int = 4000,
+        n_val: int = 500,
+        n_test: int = 1000,
+        seed: int = 0,
+        class_seed: int | None = None,
+        noise_std: float = 8.0,
+        num_distractors: int = 1,
+        part_dropout: float = 0.2,
+        spurious_rho: float = 0.0,
+        grayscale: bool = False,
+        concepts: Sequence[str] | None = None,
+        n_concept_train: int = 500,
+        n_concept_test: int = 200,
+        shapes: Sequence[str] | None = None,
+        colours: Sequence[str] | None = None,
+        textures: Sequence[str] | None = None,
+        part_names: Sequence[str] | None = None,
+        scale_range: Sequence[float] = (0.19, 0.26),
+        position_jitter: float = 0.02,
+        random_rotation: bool = False,
+        cache: bool = False,
+        return_concept_masks: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed)
+        self.renderer = PartShapesRenderer(
+            image_size=image_size,
+            num_classes=num_classes,
+            num_slots=num_slots,
+            h_min=h_min,
+            seed=seed,
+            class_seed=class_seed,
+            shapes=_opt_list(shapes),
+            colours=_opt_list(colours),
+            textures=_opt_list(textures),
+            part_names=_opt_list(part_names),
+            scale_range=tuple(float(v) for v in scale_range),
+            position_jitter=position_jitter,
+            random_rotation=random_rotation,
+            noise_std=noise_std,
+            num_distractors=num_distractors,
+            part_dropout=part_dropout,
+            spurious_rho=spurious_rho,
+        )
+        self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
+        self.grayscale = bool(grayscale)
+        self.cache = bool(cache)
+        self.return_concept_masks = bool(return_concept_masks)
+        if concepts is None:
+            names = set(self.renderer.concept_names)
+            concepts = [c for c in DEFAULT_PROBE_CONCEPTS if c in names]
+        for c in concepts:
+            self.renderer.concept_index(c)  # raises a ValueError naming the known concepts
+        self.concepts = [str(c) for c in concepts]
+        self.n_concept_train = int(n_concept_train)
+        self.n_concept_test = int(n_concept_test)
+        self._mean_std: tuple[list[float], list[float]] | None = None
+
+    def _build(self) -> None:
+        kw = {
+            "cache": self.cache,
+            "grayscale": self.grayscale,
+            "return_concept_masks": self.return_concept_masks,
+        }
+        self.train_set = PartShapesDataset(self.renderer, "train", self.n_train, **kw)
+        self.val_set = PartShapesDataset(self.renderer, "val", self.n_val, **kw)
+        self.test_set = PartShapesDataset(self.renderer, "test", self.n_test, **kw)
+        self.push_set = self.train_set
+
+    # -- descriptions -------------------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        return self.renderer.class_names
+
+    @property
+    def concept_names(self) -> list[str]:
+        return self.renderer.concept_names
+
+    @property
+    def part_names(self) -> list[str]:
+        return self.renderer.part_names
+
+    def class_definitions(self) -> dict[str, Any]:
+        """JSON-serialisable class definitions (see :meth:`PartShapesRenderer.class_definitions`)."""
+        return self.renderer.class_definitions()
+
+    @property
+    def class_hash(self) -> str:
+        return self.renderer.class_hash
+
+    def _channel_stats(self, n: int = 512) -> tuple[list[float], list[float]]:
+        """Per-channel mean/std in [0, 1] units over the first ``n`` training images (deterministic)."""
+        if self._mean_std is None:
+            r = self.renderer
+            imgs = np.stack([r.render("train", i).image for i in range(min(n, max(self.n_train, 1)))])
+            x = imgs.astype(np.float64) / 255.0
+            if self.grayscale:
+                x = x @ np.array([0.299, 0.587, 0.114])[:, None]
+            flat = x.reshape(-1, x.shape[-1])
+            self._mean_std = (
+                [round(float(v), 4) for v in flat.mean(0)],
+                [round(float(v), 4) for v in flat.std(0)],
+            )
+        return self._mean_std
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        """Plain-data description (keys of :attr:`BaseDataModule.data_info`, plus ``class_hash``)."""
+        mean, std = self._channel_stats()
+        s = self.renderer.image_size
+        return {
+            "task": "classification",
+            "input_kind": "image",
+            "num_classes": self.renderer.num_classes,
+            "in_chans": 1 if self.grayscale else 3,
+            "image_size": [s, s],
+            "mean": mean,
+            "std": std,
+            "class_names": list(self.class_names),
+            "concept_names": list(self.concept_names),
+            "part_names": list(self.part_names),
+            "feature_names": None,
+            "class_hash": self.class_hash,
+        }
+
+    # -- concept probe sets -------------------------------------------------------------------
+    def concept_datasets(self, split: str = "train") -> dict[str, Dataset]:
+        """``{concept: PartShapesConceptDataset}`` for ``self.concepts``.
+
+        ``split`` "train" (axis alignment, ``n_concept_train`` images each) or "test"/"val" (held out
+        for concept AUC, ``n_concept_test`` each). Item ``"label"`` is the concept's index in
+        :attr:`concept_names`.
+        """
+        if split not in ("train", "val", "test"):
+            raise DataError(f"concept split must be 'train', 'val' or 'test', got {split!r}")
+        n = self.n_concept_train if split == "train" else self.n_concept_test
+        return {
+            c: PartShapesConceptDataset(self.renderer, c, split, n, grayscale=self.grayscale)
+            for c in self.concepts
+        }

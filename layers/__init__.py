@@ -1,0 +1,79 @@
+"""Reusable interpretable building blocks: pure PyTorch, no Lightning, no Hydra."""
+
+from layers.concept_whitening import ConceptWhitening2d, SyncConceptWhitening2d, pool_axes
+from layers.normalize import InputNormalize
+from layers.part_filters import (
+    FilterAssignment,
+    FilterLossOutput,
+    InterpretableConv2d,
+    PartFilterLoss,
+    PartFilterMask,
+    filter_loss,
+    part_templates,
+)
+from layers.prototype import (
+    PrototypeLayer,
+    avg_separation_cost,
+    cluster_cost,
+    l1_off_class,
+    linear_similarity,
+    log_similarity,
+    prototype_class_identity,
+    separation_cost,
+    squared_l2_distances,
+)
+from layers.senn import (
+    BackboneConceptizer,
+    BackboneParametrizer,
+    BatchCouplingError,
+    ConvAutoencoderConceptizer,
+    ConvParametrizer,
+    InputConceptizer,
+    MLPAutoencoderConceptizer,
+    MLPParametrizer,
+    SumAggregator,
+    concept_sparsity_loss,
+    reconstruction_loss,
+    robustness_loss,
+    robustness_residual,
+)
+from layers.soft_threshold import SoftThreshold, haar_filters, soft_threshold
+
+__all__ = ["InputNormalize"]
+__all__ += ["SoftThreshold", "haar_filters", "soft_threshold"]
+__all__ += ["ConceptWhitening2d", "SyncConceptWhitening2d", "pool_axes"]
+__all__ += [
+    "BackboneConceptizer",
+    "BackboneParametrizer",
+    "BatchCouplingError",
+    "ConvAutoencoderConceptizer",
+    "ConvParametrizer",
+    "InputConceptizer",
+    "MLPAutoencoderConceptizer",
+    "MLPParametrizer",
+    "SumAggregator",
+    "concept_sparsity_loss",
+    "reconstruction_loss",
+    "robustness_loss",
+    "robustness_residual",
+]
+__all__ += [
+    "FilterAssignment",
+    "FilterLossOutput",
+    "InterpretableConv2d",
+    "PartFilterLoss",
+    "PartFilterMask",
+    "filter_loss",
+    "part_templates",
+]
+__all__ += [
+    "PrototypeLayer",
+    "avg_separation_cost",
+    "cluster_cost",
+    "l1_off_class",
+    "linear_similarity",
+    "log_similarity",
+    "prototype_class_identity",
+    "separation_cost",
+    "squared_l2_distances",
+]

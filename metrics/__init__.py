@@ -1,0 +1,47 @@
+"""Interpretability metrics (torchmetrics ``Metric``s with DDP-reducible state), callbacks and report figures."""
+
+from metrics.concept_whitening import ConceptAUC, ConceptSimilarity, PermutationImportance, WhiteningCorrelation
+from metrics.icnn import LocationInstability, part_dissection
+from metrics.intrinsic_dim import twonn_dimension, twonn_ratios
+from metrics.protopnet import (
+    ExplanationSize,
+    PrototypeClassPurity,
+    PrototypeConsistency,
+    PrototypePartPurity,
+    PrototypeStability,
+    global_size,
+    prototype_unique,
+)
+from metrics.senn import (
+    ConceptSparsity,
+    DeadConcepts,
+    LocalLipschitz,
+    MeanScore,
+    concept_faithfulness_scores,
+    input_faithfulness_scores,
+    local_lipschitz,
+)
+from metrics.soft_autoencoder import CodeStatistics, code_sparsity, dead_units, hoyer_sparsity, psnr, ssim
+
+__all__ = ["twonn_dimension", "twonn_ratios"]
+__all__ += ["CodeStatistics", "code_sparsity", "dead_units", "hoyer_sparsity", "psnr", "ssim"]
+__all__ += ["ConceptAUC", "ConceptSimilarity", "PermutationImportance", "WhiteningCorrelation"]
+__all__ += [
+    "ConceptSparsity",
+    "DeadConcepts",
+    "LocalLipschitz",
+    "MeanScore",
+    "concept_faithfulness_scores",
+    "input_faithfulness_scores",
+    "local_lipschitz",
+]
+__all__ += ["LocationInstability", "part_dissection"]
+__all__ += [
+    "ExplanationSize",
+    "PrototypeClassPurity",
+    "PrototypeConsistency",
+    "PrototypePartPurity",
+    "PrototypeStability",
+    "global_size",
+    "prototype_unique",
+]

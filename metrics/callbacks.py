@@ -1,0 +1,100 @@
+"""Lightning callbacks for metrics that are not batch-decomposable (run on a fixed, seeded subset)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+from rich.progress import track
+from torch.utils.data import DataLoader, Subset
+
+from metrics.intrinsic_dim import twonn_dimension
+from models.surgery import get_submodule
+
+
+def fixed_subset(dataset: torch.utils.data.Dataset, num_samples: int, seed: int) -> Subset:
+    """The same ``num_samples`` items of ``dataset`` on every rank and every call."""
+    n = len(dataset)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(n, generator=g)[: min(num_samples, n)].sort().values.tolist()
+    return Subset(dataset, idx)
+
+
+class IntrinsicDimension(pl.Callback):
+    """Log ``test/intrinsic_dim/<layer>`` (TwoNN, ``metrics.md`` A.6) at the end of testing.
+
+    Every rank computes the estimate on the same fixed subset with the same weights, so the value is
+    identical everywhere without a collective (the estimator needs all points in one place).
+
+    Args:
+        layers: dotted names of submodules of the LightningModule (e.g. ``net.backbone``).
+        num_samples: size of the fixed subset of the test split.
+        seed: seed of the subset.
+        pool: ``"flatten"`` the whole map (as Ansuini et al.) or ``"avg"`` global-average-pool it.
+        stages: ``("test",)`` and/or ``"val"`` (at every validation epoch end).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str] = ("net.backbone",),
+        num_samples: int = 1000,
+        seed: int = 0,
+        pool: str = "flatten",
+        stages: Sequence[str] = ("test",),
+    ) -> None:
+        if pool not in ("flatten", "avg"):
+            raise ValueError(f"pool must be 'flatten' or 'avg', got {pool!r}")
+        self.layers = list(layers)
+        self.num_samples = num_samples
+        self.seed = seed
+        self.pool = pool
+        self.stages = tuple(stages)
+
+    @torch.no_grad()
+    def compute(self, pl_module: pl.LightningModule, dataset: torch.utils.data.Dataset) -> dict[str, float]:
+        from models.lit_base import batch_input
+
+        feats: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
+        hooks = []
+        for name in self.layers:
+            module = get_submodule(pl_module, name)
+
+            def hook(_m, _i, out, name=name):
+                t = out if isinstance(out, torch.Tensor) else getattr(out, "features", out[0])
+                if self.pool == "avg" and t.dim() == 4:
+                    t = t.mean(dim=(2, 3))
+                feats[name].append(t.flatten(1).float().cpu())
+
+            hooks.append(module.register_forward_hook(hook))
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            loader = DataLoader(fixed_subset(dataset, self.num_samples, self.seed), batch_size=128)
+            for batch in track(loader, description="intrinsic dimension", disable=not _is_main(pl_module)):
+                pl_module(batch_input(batch).to(pl_module.device))
+        finally:
+            for h in hooks:
+                h.remove()
+            pl_module.train(was_training)
+        return {name: twonn_dimension(torch.cat(v)) for name, v in feats.items()}
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        dataset = getattr(dm, f"{stage}_set", None) if dm is not None else None
+        if dataset is None:
+            return
+        for name, value in self.compute(pl_module, dataset).items():
+            pl_module.log(f"{stage}/intrinsic_dim/{name}", value, sync_dist=False)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "test" in self.stages:
+            self._run(trainer, pl_module, "test")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "val" in self.stages and not trainer.sanity_checking:
+            self._run(trainer, pl_module, "val")
+
+
+def _is_main(pl_module: pl.LightningModule) -> bool:
+    return pl_module.trainer is None or pl_module.trainer.is_global_zero

@@ -1,0 +1,173 @@
+"""ProtoPNet report figures: the prototype gallery and "this looks like that" explanations (PNG, matplotlib Agg).
+
+* :func:`prototype_gallery`: one row per class, one panel per prototype: its source training image (the
+  image push projected it onto), the bicubically upsampled self-activation heatmap, the 95th-percentile
+  high-activation box (solid) and the receptive-field box of the latent patch (dashed). Reference
+  ``push.py`` saves the same three views as separate files.
+* :func:`explanation_figure`: for a few test images, the top prototypes of the predicted class by
+  contribution ``W[c, j] * s_j``: where on the test image each prototype is active (heatmap + box), next
+  to the prototype's source patch, with similarity, weight and contribution (reference ``local_analysis.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from models.protopnet import ProtoPNet, upsample_maps  # noqa: E402
+
+__all__ = ["explanation_figure", "prototype_gallery"]
+
+
+def _to_numpy_image(img: torch.Tensor) -> np.ndarray:
+    arr = img.detach().float().clamp(0, 1).cpu()
+    return arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
+
+
+def _draw(ax: Any, img: torch.Tensor, heat: torch.Tensor | None = None, box: Any = None, rf_box: Any = None) -> None:
+    arr = _to_numpy_image(img)
+    ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    if heat is not None:
+        h = heat.detach().float().cpu()
+        h = (h - h.min()) / (h.max() - h.min()).clamp(min=1e-8)
+        ax.imshow(h.numpy(), cmap="jet", alpha=0.4, interpolation="bilinear")
+    for b, style in ((rf_box, "--"), (box, "-")):
+        if b is None:
+            continue
+        x0, y0, x1, y1 = (float(v) for v in b)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1.2, ls=style,
+                               ec="yellow" if style == "-" else "cyan"))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _push_set(datamodule: Any) -> Any:
+    datamodule.setup("fit")
+    ds = getattr(datamodule, "push_set", None) or getattr(datamodule, "train_set", None)
+    if ds is None:
+        raise RuntimeError("the datamodule has no push_set/train_set to draw prototype sources from")
+    return ds
+
+
+def _device(net: torch.nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+@torch.no_grad()
+def _source_views(net: ProtoPNet, dataset: Any, protos: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{j: (source image, upsampled self-activation map)}`` for pushed prototypes."""
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    dev = _device(net)
+    for j in protos:
+        src = int(net.push_source_index[j])
+        if src < 0:
+            continue
+        img = dataset[src]["image"]
+        maps = net(img.unsqueeze(0).to(dev)).similarity_maps[0, j]
+        out[j] = (img, upsample_maps(maps.unsqueeze(0), img.shape[1:])[0].cpu())
+    return out
+
+
+@torch.no_grad()
+def prototype_gallery(net: ProtoPNet, datamodule: Any, path: Path, max_prototypes: int = 100) -> Path:
+    """Draw every (active) prototype's source image with heatmap and boxes; returns ``path``."""
+    was = net.training
+    net.eval()
+    classes = net.prototype_classes.cpu()
+    active = (net.prototype_mask > 0).cpu()
+    names = (getattr(net, "data_config", None) or {}).get("class_names") or [str(c) for c in range(net.num_classes)]
+    rows: list[list[int]] = []
+    total = 0
+    for c in range(net.num_classes):
+        js = [int(j) for j in (classes == c).nonzero().flatten() if active[j]]
+        if not js:
+            continue
+        if total + len(js) > max_prototypes:
+            break
+        rows.append(js)
+        total += len(js)
+    ncols = max((len(r) for r in rows), default=1)
+    fig, axes = plt.subplots(max(1, len(rows)), ncols, figsize=(1.3 * ncols + 0.8, 1.4 * max(1, len(rows)) + 0.6),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    if not net.pushed:
+        fig.suptitle("prototypes not projected yet (no push ran): no source images to show", fontsize=9)
+    else:
+        views = _source_views(net, _push_set(datamodule), [j for r in rows for j in r])
+        for ri, js in enumerate(rows):
+            for ci, j in enumerate(js):
+                ax = axes[ri, ci]
+                ax.axis("on")
+                if j not in views:
+                    ax.set_title(f"p{j}: no source", fontsize=6)
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    continue
+                img, heat = views[j]
+                _draw(ax, img, heat, net.push_act_box[j].tolist(), net.push_rf_box[j].tolist())
+                ax.set_title(f"p{j} (img {int(net.push_source_index[j])})", fontsize=6)
+            axes[ri, 0].set_ylabel(str(names[int(classes[js[0]])])[:14], fontsize=7)
+        fig.suptitle("prototype gallery: source image, self-activation, high-activation box (yellow), "
+                     "receptive field (cyan)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    net.train(was)
+    return path
+
+
+@torch.no_grad()
+def explanation_figure(net: ProtoPNet, datamodule: Any, path: Path, n_images: int = 4, top_k: int = 3) -> Path:
+    """"This looks like that" for the first ``n_images`` test images; returns ``path``."""
+    was = net.training
+    net.eval()
+    datamodule.setup("test")
+    test = datamodule.test_set
+    n = min(n_images, len(test))
+    items = [test[i] for i in range(n)]
+    x = torch.stack([it["image"] for it in items]).to(_device(net))
+    labels = [int(it["label"]) for it in items]
+    expl = net.explain(x, top_k=top_k)
+    out = net(x)
+    names = (getattr(net, "data_config", None) or {}).get("class_names") or [str(c) for c in range(net.num_classes)]
+    sources = _source_views(net, _push_set(datamodule), sorted({int(j) for e in expl for j in e.prototypes})) \
+        if net.pushed else {}
+    k = len(expl[0].prototypes) if expl else 0
+    fig, axes = plt.subplots(n, 1 + 2 * k, figsize=(1.6 * (1 + 2 * k), 1.9 * n + 0.4), squeeze=False)
+    for i, e in enumerate(expl):
+        _draw(axes[i, 0], x[i])
+        axes[i, 0].set_title(f"true {names[labels[i]]}\npred {names[e.target]}", fontsize=6)
+        for t in range(k):
+            j = int(e.prototypes[t])
+            heat = upsample_maps(out.similarity_maps[i, j].unsqueeze(0), x.shape[2:])[0]
+            a_test, a_src = axes[i, 1 + 2 * t], axes[i, 2 + 2 * t]
+            _draw(a_test, x[i], heat, e.boxes[t].tolist())
+            a_test.set_title(f"s={float(e.similarities[t]):.2f} w={float(e.weights[t]):.2f}\n"
+                             f"contrib {float(e.contributions[t]):.2f}", fontsize=6)
+            if j in sources:
+                img, sheat = sources[j]
+                _draw(a_src, img, sheat, net.push_act_box[j].tolist())
+                a_src.set_title(f"looks like p{j}\n(class {names[int(e.prototype_classes[t])]})"[:40], fontsize=6)
+            else:
+                a_src.axis("off")
+                a_src.set_title(f"p{j} (not pushed)", fontsize=6)
+    fig.suptitle("this looks like that: top prototypes of the predicted class (logit = sum of contributions)",
+                 fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    net.train(was)
+    return path

@@ -1,0 +1,39 @@
+"""The zoo: backbones, interpretable networks, their LightningModules, the registry and bundles.
+
+>>> from models import create_model, list_models, load_pretrained
+>>> net = create_model("baseline_resnet18s", num_classes=10)
+"""
+
+from models import baseline  # noqa: F401  (registers architectures)
+from models import concept_whitening  # noqa: F401
+from models import icnn  # noqa: F401
+from models import protopnet  # noqa: F401
+from models import senn  # noqa: F401
+from models import soft_autoencoder  # noqa: F401
+from models.backbones import build_backbone, list_backbones
+from models.bundle import BundleError, load_pretrained, read_bundle_config, save_pretrained
+from models.checkpoint import load_checkpoint
+from models.registry import (
+    create_model,
+    list_architectures,
+    list_models,
+    list_pretrained,
+    register_architecture,
+    register_model,
+)
+
+__all__ = [
+    "BundleError",
+    "build_backbone",
+    "create_model",
+    "list_architectures",
+    "list_backbones",
+    "list_models",
+    "list_pretrained",
+    "load_checkpoint",
+    "load_pretrained",
+    "read_bundle_config",
+    "register_architecture",
+    "register_model",
+    "save_pretrained",
+]

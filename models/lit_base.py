@@ -1,0 +1,270 @@
+"""LightningModules shared by every method: classification and reconstruction tasks.
+
+Hyper-parameters are plain data only (strings, numbers, lists, dicts), so every checkpoint loads with
+``torch.load(..., weights_only=True)`` and resumes (``shared/specs/ecosystem.md`` §4.1). The network
+is rebuilt from ``arch`` + ``model_args`` + ``backbone`` + ``data_info`` through the registry.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from models.optim import build_optimizer, build_scheduler
+from models.outputs import NetworkOutput
+from models.registry import build_architecture, resolve_model_name
+
+# data_info key -> constructor argument it feeds, when the architecture accepts it.
+_DATA_ARGS = {
+    "num_classes": "num_classes",
+    "in_chans": "in_chans",
+    "mean": "mean",
+    "std": "std",
+    "num_features": "num_features",
+    "image_size": "image_size",
+}
+
+
+def batch_input(batch: dict[str, Any]) -> torch.Tensor:
+    """The network input of a dict batch: ``"image"`` ``(B, C, H, W)`` or ``"features"`` ``(B, F)``."""
+    if "image" in batch:
+        return batch["image"]
+    if "features" in batch:
+        return batch["features"]
+    raise KeyError(f"batch has neither 'image' nor 'features' (keys: {sorted(batch)})")
+
+
+class InterpModule(pl.LightningModule):
+    """Common base: builds the network, optimisers, schedulers; subclasses define the task.
+
+    Args:
+        arch: model or architecture name in the registry (``baseline``, ``protopnet``, ...).
+        model_args: extra constructor arguments of the architecture.
+        backbone: trunk config (the ``backbone=`` config group), passed when the architecture
+            takes a ``backbone`` argument.
+        data_info: the datamodule's :attr:`~datamodules.base.BaseDataModule.data_info`.
+        optimizer: optimiser config (:func:`models.optim.build_optimizer`).
+        scheduler: scheduler config or ``None`` (:func:`models.optim.build_scheduler`).
+        monitor: metric used for checkpoint selection; ``monitor_mode``: ``max`` or ``min``.
+        channels_last: use channels-last memory format (faster convolutions on GPU).
+        compile: wrap the network with ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        arch: str = "baseline",
+        model_args: dict[str, Any] | None = None,
+        backbone: dict[str, Any] | None = None,
+        data_info: dict[str, Any] | None = None,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        monitor: str = "val/acc",
+        monitor_mode: str = "max",
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if monitor_mode not in ("min", "max"):
+            raise ValueError(f"monitor_mode must be 'min' or 'max', got {monitor_mode!r}")
+        self.save_hyperparameters()
+        self.data_info = dict(data_info or {})
+        self.net = self.build_net()
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self._forward_net = torch.compile(self.net) if compile else self.net
+
+    # -- network ---------------------------------------------------------------------------------
+    def net_arguments(self) -> tuple[str, dict[str, Any]]:
+        """``(architecture, constructor kwargs)``: registry defaults < data_info < backbone < model_args."""
+        from models.registry import _ARCHITECTURES, _deep_update
+
+        arch, args = resolve_model_name(self.hparams.arch)
+        params = inspect.signature(_ARCHITECTURES[arch]).parameters
+        for key, arg in _DATA_ARGS.items():
+            if arg in params and self.data_info.get(key) is not None:
+                args[arg] = self.data_info[key]
+        if self.hparams.backbone is not None and "backbone" in params:
+            args = _deep_update(args, {"backbone": dict(self.hparams.backbone)})
+        return arch, _deep_update(args, dict(self.hparams.model_args or {}))
+
+    def build_net(self) -> nn.Module:
+        arch, args = self.net_arguments()
+        net = build_architecture(arch, args)
+        net.data_config = self.data_info
+        return net
+
+    def forward(self, x: torch.Tensor) -> NetworkOutput:
+        if self.hparams.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._forward_net(x)
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        opt_cfg = dict(self.hparams.optimizer or {"name": "adam", "lr": 1e-3})
+        optimizer = build_optimizer(self.named_parameters(), opt_cfg)
+        max_epochs = self.trainer.max_epochs if self.trainer is not None and self.trainer.max_epochs else 1
+        steps = 1
+        if self.trainer is not None:
+            try:
+                steps = max(1, int(self.trainer.estimated_stepping_batches // max(1, max_epochs)))
+            except Exception:  # estimated_stepping_batches needs a dataloader; epoch interval does not
+                steps = 1
+        sched = build_scheduler(optimizer, self.hparams.scheduler, max_epochs, steps)
+        if sched is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": sched}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from models.checkpoint import CHECKPOINT_KEY
+
+        arch, args = self.net_arguments()
+        checkpoint[CHECKPOINT_KEY] = {
+            "module_class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "architecture": arch,
+            "model_args": args,
+        }
+
+    # -- reports ---------------------------------------------------------------------------------
+    def write_report(self, out_dir: Path, datamodule: pl.LightningDataModule) -> list[Path]:
+        """Write report figures (PNG) into ``out_dir``; returns their paths. Rank 0 only."""
+        return []
+
+
+class ClassificationModule(InterpModule):
+    """Classification task: cross-entropy + method-specific terms, accuracy per split.
+
+    Subclasses add loss terms by overriding :meth:`compute_losses` (each term is logged as
+    ``train/loss_<name>``) and interpretability metrics by overriding :meth:`update_eval_metrics`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        k = int(self.data_info.get("num_classes") or self.net_arguments()[1].get("num_classes", 2))
+        self.train_acc = MulticlassAccuracy(num_classes=k, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=k, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=k, average="micro")
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.val_acc_best = MaxMetric()
+
+    def compute_losses(self, out: NetworkOutput, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
+        """Named, already weighted loss terms; their sum is the training loss."""
+        return {"ce": F.cross_entropy(out.logits, batch["label"])}
+
+    def update_eval_metrics(self, out: NetworkOutput, batch: dict[str, Any], stage: str) -> None:
+        """Hook for interpretability metrics on validation/test batches."""
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        x, y = batch_input(batch), batch["label"]
+        out = self(x)
+        losses = self.compute_losses(out, batch, stage)
+        loss = torch.stack(list(losses.values())).sum()
+        acc, mean_loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
+        acc(out.logits.detach(), y)
+        mean_loss(loss.detach())
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "test")
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
+        if len(losses) > 1:
+            for name, value in losses.items():
+                self.log(f"{stage}/loss_{name}", value.detach(), on_step=on_step, on_epoch=True, sync_dist=not on_step)
+        if stage != "train":
+            self.update_eval_metrics(out, batch, stage)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def on_train_start(self) -> None:
+        # The sanity check ran validation on an untrained model: do not let it set the best value.
+        self.val_acc_best.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+
+    def write_report(self, out_dir: Path, datamodule: pl.LightningDataModule) -> list[Path]:
+        from metrics.reports import confusion_matrix_figure
+
+        return [confusion_matrix_figure(self, datamodule, out_dir / "confusion_matrix.png")]
+
+
+class ReconstructionModule(InterpModule):
+    """Denoising reconstruction task: ``x_noisy = x + sigma * n``, MSE to the clean ``x``, PSNR per split.
+
+    Validation and test noise is seeded per sample index, so every evaluation of a model sees the
+    same noisy images.
+
+    Args:
+        noise_std: sigma of additive Gaussian noise in ``[0, 1]`` pixel units (e.g. ``25 / 255``).
+        noise_seed: seed of the evaluation noise.
+    """
+
+    def __init__(self, *args: Any, noise_std: float = 25 / 255, noise_seed: int = 1234, **kwargs: Any) -> None:
+        kwargs.setdefault("monitor", "val/psnr")
+        kwargs.setdefault("monitor_mode", "max")
+        super().__init__(*args, **kwargs)
+        from torchmetrics.image import PeakSignalNoiseRatio
+
+        self.noise_std = noise_std
+        self.noise_seed = noise_seed
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_psnr", PeakSignalNoiseRatio(data_range=1.0))
+            setattr(self, f"{stage}_loss", MeanMetric())
+
+    def add_noise(self, x: torch.Tensor, index: torch.Tensor | None, stage: str) -> torch.Tensor:
+        if stage == "train" or index is None:
+            return x + self.noise_std * torch.randn_like(x)
+        noise = torch.empty_like(x)
+        for i, idx in enumerate(index.tolist()):
+            g = torch.Generator().manual_seed(self.noise_seed * 1_000_003 + int(idx))
+            noise[i] = torch.randn(x.shape[1:], generator=g).to(x)
+        return x + self.noise_std * noise
+
+    def compute_losses(self, out: NetworkOutput, batch: dict[str, Any], clean: torch.Tensor, stage: str) -> dict[str, torch.Tensor]:
+        return {"mse": F.mse_loss(out.reconstruction, clean)}
+
+    def update_eval_metrics(self, out: NetworkOutput, batch: dict[str, Any], noisy: torch.Tensor, stage: str) -> None:
+        """Hook for sparsity and other metrics on validation/test batches."""
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        clean = batch_input(batch)
+        noisy = self.add_noise(clean, batch.get("index"), stage)
+        out = self(noisy)
+        losses = self.compute_losses(out, batch, clean, stage)
+        loss = torch.stack(list(losses.values())).sum()
+        psnr, mean_loss = getattr(self, f"{stage}_psnr"), getattr(self, f"{stage}_loss")
+        psnr(out.reconstruction.detach().clamp(0, 1), clean)
+        mean_loss(loss.detach())
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/psnr", psnr, on_step=False, on_epoch=True, prog_bar=True)
+        if stage != "train":
+            self.update_eval_metrics(out, batch, noisy, stage)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test")

@@ -1,0 +1,130 @@
+"""timm-style registry: ``create_model``, ``list_models``, ``list_pretrained``, ``load_pretrained``.
+
+Two levels:
+
+* an **architecture** is a network class registered with :func:`register_architecture` (e.g.
+  ``"baseline"``, ``"protopnet"``); its constructor takes plain data only;
+* a **model name** such as ``baseline_resnet18`` is an architecture plus default arguments
+  (usually the backbone), registered with :func:`register_model`.
+
+Every network made here carries ``net.interpzoo_config = {"architecture": ..., "model_args": ...}``,
+which is exactly what a bundle's ``config.json`` stores, so a network can always be rebuilt from
+plain JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from models.errors import did_you_mean
+
+_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+_MODELS: dict[str, tuple[str, dict[str, Any]]] = {}
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
+def register_architecture(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator registering a network class under ``name``."""
+
+    def deco(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in _ARCHITECTURES and _ARCHITECTURES[name] is not cls:
+            raise ValueError(f"architecture {name!r} is already registered by {_ARCHITECTURES[name]}")
+        _ARCHITECTURES[name] = cls
+        return cls
+
+    return deco
+
+
+def register_model(name: str, architecture: str, **defaults: Any) -> None:
+    """Register ``name`` as ``architecture`` with default constructor arguments."""
+    if architecture not in _ARCHITECTURES:
+        raise KeyError(f"architecture {architecture!r} is not registered")
+    _MODELS[name] = (architecture, defaults)
+
+
+def list_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def list_models(filter: str = "*", pretrained: bool = False) -> list[str]:
+    """Registered model names matching the glob ``filter`` (with ``pretrained``: shipped bundles)."""
+    names = list_pretrained() if pretrained else sorted(_MODELS)
+    return [n for n in names if fnmatch.fnmatchcase(n, filter)]
+
+
+def list_pretrained(filter: str = "*") -> list[str]:
+    """Names of the bundles shipped in ``models/pretrained/`` (``<method>_<backbone>.<data>_s<seed>``)."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    names = sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "config.json").is_file())
+    return [n for n in names if fnmatch.fnmatchcase(n, filter)]
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_update(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve_model_name(name: str) -> tuple[str, dict[str, Any]]:
+    """``(architecture, default_args)`` for a model or architecture name, with did-you-mean."""
+    if name in _MODELS:
+        arch, defaults = _MODELS[name]
+        return arch, copy.deepcopy(defaults)
+    if name in _ARCHITECTURES:
+        return name, {}
+    raise KeyError(
+        f"unknown model {name!r}{did_you_mean(name, list(_MODELS) + list(_ARCHITECTURES))}; "
+        f"see models.list_models()"
+    )
+
+
+def build_architecture(architecture: str, model_args: dict[str, Any]) -> nn.Module:
+    """Instantiate a registered architecture and stamp it with its plain-data config."""
+    if architecture not in _ARCHITECTURES:
+        raise KeyError(
+            f"unknown architecture {architecture!r}{did_you_mean(architecture, _ARCHITECTURES)}; "
+            f"registered: {list_architectures()}"
+        )
+    cls = _ARCHITECTURES[architecture]
+    try:
+        net = cls(**model_args)
+    except TypeError as e:
+        import inspect
+
+        params = [p for p in inspect.signature(cls).parameters if p != "self"]
+        bad = [k for k in model_args if k not in params]
+        hint = "".join(f"\n  unknown argument {k!r}{did_you_mean(k, params)}" for k in bad)
+        raise TypeError(f"cannot build {architecture!r}: {e}{hint}\n  accepted arguments: {params}") from None
+    net.interpzoo_config = {"architecture": architecture, "model_args": copy.deepcopy(model_args)}
+    return net
+
+
+def create_model(name: str, pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
+    """Create a network by registered name, e.g. ``create_model("baseline_resnet18s", num_classes=10)``.
+
+    Args:
+        name: a model name (:func:`list_models`), an architecture name, or ``"name.tag"`` for a
+            shipped pretrained bundle (:func:`list_pretrained`).
+        pretrained: ``True`` to load the shipped bundle ``name`` (needs a ``.tag``), or a bundle path.
+        **kwargs: constructor arguments overriding the registered defaults (nested dicts merge).
+    """
+    if pretrained or "." in name:
+        from models.bundle import load_pretrained
+
+        source = pretrained if isinstance(pretrained, str) else name
+        if kwargs:
+            raise ValueError("constructor arguments cannot be changed when loading a pretrained bundle")
+        return load_pretrained(source)
+    arch, defaults = resolve_model_name(name)
+    return build_architecture(arch, _deep_update(defaults, {k: v for k, v in kwargs.items() if v is not None}))

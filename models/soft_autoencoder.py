@@ -1,0 +1,487 @@
+"""Soft autoencoder: soft-threshold encoder, linear decoder, denoising LightningModule.
+
+Fan, Li, Teng, Wang, "Soft Autoencoder and Its Wavelet Adaptation Interpretation", IEEE Trans.
+Computational Imaging 2020 (arXiv 1812.11675). Verified from the abstract only: a convolutional
+autoencoder whose *encoding* layers use adaptable soft-thresholding units and whose *decoding* layers
+are linear, "naturally interpreted as a learned cascaded wavelet shrinkage system". Everything else
+here (stage layout, skips, threshold parameterisation, initialisation, losses) is **our design**
+following ``shared/specs/soft_autoencoder.md`` §3.2, not the paper's verified recipe:
+
+* encoder stage i: ``z_i = S_{b_i}(Conv_i(z_{i-1}))`` (no conv bias: the threshold is the bias),
+  ``z_0`` the normalised input;
+* decoder stage i: ``y_{i-1} = ConvT_i(y_i)`` (linear, no activation), ``y_N = z_N``, optionally
+  ``+ z_{i-1}`` (RED-CNN-style skips, a flag);
+* with one stage, orthonormal analysis filters ``E`` and synthesis ``D = Eᵀ`` the network computes
+  ``D · S_b(E · x)``, a one-level wavelet shrinkage (spec §3.2 "interpretation invariant").
+
+Registered names: ``softae`` (stride 1), ``softae_wavelet`` (stride 2, the wavelet-like variant),
+and the matched counterparts ``relu_ae`` (ReLU with conv bias in place of ``S_b``: the same number of
+parameters) and ``linear_ae`` (no activation). The torchvision backbones are not offered as encoders:
+the method's point is a shallow encoder whose every stage is a shrinkage; use
+:func:`replace_relu_with_soft_threshold` to put soft thresholds into any other network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from layers.normalize import InputNormalize
+from layers.soft_threshold import THRESHOLD_PARAMS, SoftThreshold
+from metrics.soft_autoencoder import CodeStatistics
+from models.baseline import check_image_input
+from models.lit_base import ReconstructionModule, batch_input
+from models.outputs import NetworkOutput, ReconstructionOutput
+from models.registry import register_architecture, register_model
+from models.surgery import replace_modules
+
+ACTIVATIONS = ("soft", "relu", "linear")
+
+
+class EncoderOutput(NamedTuple):
+    """What :class:`SoftEncoder` returns.
+
+    A ``NamedTuple`` (not a dataclass) so that generic forward hooks that read ``out.features`` or
+    ``out[0]`` (e.g. :class:`metrics.callbacks.IntrinsicDimension` on ``net.backbone``) both work.
+
+    Attributes:
+        features: the deepest code ``z_N`` ``(B, C_N, H_N, W_N)``.
+        codes: every stage's code ``(z_1, ..., z_N)``.
+    """
+
+    features: torch.Tensor
+    codes: tuple[torch.Tensor, ...]
+
+
+class EncoderStage(nn.Module):
+    """``act(conv(x))``: one analysis step. ``act`` is :class:`SoftThreshold`, ``nn.ReLU`` or identity.
+
+    The convolution has no bias before a soft threshold (the threshold plays the bias's role, spec
+    §3.2) and a bias before a ReLU, so the matched ReLU network has the same parameter count.
+    """
+
+    def __init__(
+        self,
+        in_chans: int,
+        out_chans: int,
+        kernel_size: int,
+        stride: int,
+        activation: str,
+        thr_init: float,
+        thr_param: str,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_chans, out_chans, kernel_size, stride=stride, padding=(kernel_size - 1) // 2, bias=activation == "relu"
+        )
+        if activation == "soft":
+            self.act: nn.Module = SoftThreshold(out_chans, init=thr_init, param=thr_param)
+        elif activation == "relu":
+            self.act = nn.ReLU()
+        else:
+            self.act = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+class SoftEncoder(nn.Module):
+    """The analysis cascade: :class:`EncoderStage` s applied in turn.
+
+    Shape:
+        ``(B, C_0, H, W)`` to :class:`EncoderOutput` with codes ``(B, C_i, H_i, W_i)``.
+    """
+
+    def __init__(self, stages: Sequence[EncoderStage]) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.out_channels = stages[-1].conv.out_channels
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        codes = []
+        for stage in self.stages:
+            x = stage(x)
+            codes.append(x)
+        return EncoderOutput(features=x, codes=tuple(codes))
+
+
+def _per_stage(value: int | Sequence[int], n: int, name: str) -> list[int]:
+    values = [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
+    if len(values) != n:
+        raise ValueError(f"{name} needs one value per stage ({n} stages from widths), got {list(value)}")
+    if any(v < 1 for v in values):
+        raise ValueError(f"{name} values must be >= 1, got {values}")
+    return values
+
+
+@register_architecture("soft_autoencoder")
+class SoftAutoencoder(nn.Module):
+    """Convolutional autoencoder with soft-threshold encoder stages and linear decoder stages.
+
+    Our design from the paper's abstract (module docstring). Takes ``[0, 1]`` images, normalises
+    them with ``mean``/``std``, and maps the decoder output back to pixel units, so the
+    reconstruction is directly comparable with the clean image.
+
+    Args:
+        in_chans: image channels ``C_0`` (1 grey, 3 RGB).
+        mean, std: input normalisation (the data's statistics; ``0``/``1`` for none).
+        widths: code channels per encoder stage; the number of stages is ``len(widths)``.
+        kernel_size: conv kernel size, one value or one per stage (padding ``(k - 1) // 2``).
+        stride: conv stride, one value or one per stage (2 gives the wavelet-like pyramid).
+        skip: add ``z_{i-1}`` to the decoder output ``y_{i-1}`` at every stage (RED-CNN style; with
+            it the network predicts a residual on top of its input). Whether the paper uses skips is
+            unverified.
+        activation: ``"soft"`` (the method), ``"relu"`` (the matched counterpart) or ``"linear"``.
+        thr_init: initial soft threshold (in normalised code units).
+        thr_param: ``"abs"`` or ``"softplus"`` (see :class:`layers.soft_threshold.SoftThreshold`).
+        decoder_bias: give the transposed convolutions a bias (off: the decoder is linear, as a
+            wavelet synthesis operator).
+
+    Shape:
+        ``(B, C_0, H, W)`` in ``[0, 1]`` to :class:`ReconstructionOutput` with ``reconstruction``
+        ``(B, C_0, H, W)`` (pixel units, not clamped) and ``codes`` ``{"stage<i>": (B, C_i, H_i, W_i)}``.
+
+    Attributes:
+        backbone: the encoder (:class:`SoftEncoder`); named ``backbone`` like every zoo trunk so that
+            generic callbacks (intrinsic dimension of ``net.backbone``) find it.
+        decoder: ``decoder[i]`` maps stage ``i + 1``'s code back to stage ``i``'s resolution.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 1,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        widths: Sequence[int] = (16, 32, 64),
+        kernel_size: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = 1,
+        skip: bool = False,
+        activation: str = "soft",
+        thr_init: float = 0.05,
+        thr_param: str = "abs",
+        decoder_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if thr_param not in THRESHOLD_PARAMS:
+            raise ValueError(f"thr_param must be one of {THRESHOLD_PARAMS}, got {thr_param!r}")
+        widths = [int(w) for w in widths]
+        if not widths or any(w < 1 for w in widths):
+            raise ValueError(f"widths must be a non-empty list of positive channel counts, got {widths}")
+        n = len(widths)
+        kernels = _per_stage(kernel_size, n, "kernel_size")
+        strides = _per_stage(stride, n, "stride")
+        mean = [0.0] * in_chans if mean is None else [float(m) for m in mean]
+        std = [1.0] * in_chans if std is None else [float(s) for s in std]
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise ValueError(f"mean/std need {in_chans} values (in_chans), got {mean} and {std}")
+        self.normalize = InputNormalize(mean, std)
+        chans = [int(in_chans), *widths]
+        self.backbone = SoftEncoder(
+            [
+                EncoderStage(chans[i], chans[i + 1], kernels[i], strides[i], activation, thr_init, thr_param)
+                for i in range(n)
+            ]
+        )
+        self.decoder = nn.ModuleList(
+            nn.ConvTranspose2d(
+                chans[i + 1], chans[i], kernels[i], stride=strides[i], padding=(kernels[i] - 1) // 2, bias=decoder_bias
+            )
+            for i in range(n)
+        )
+        self.in_chans = int(in_chans)
+        self.skip = bool(skip)
+        self.activation = activation
+        self.stage_names = [f"stage{i + 1}" for i in range(n)]
+
+    @property
+    def code_channels(self) -> dict[str, int]:
+        """``{stage name: C_i}``."""
+        return {name: st.conv.out_channels for name, st in zip(self.stage_names, self.backbone.stages)}
+
+    def thresholds(self) -> dict[str, torch.Tensor]:
+        """``{stage name: (C_i,) thresholds b}`` of the soft-threshold stages (empty for ReLU/linear)."""
+        return {
+            name: st.act.threshold.detach()
+            for name, st in zip(self.stage_names, self.backbone.stages)
+            if isinstance(st.act, SoftThreshold)
+        }
+
+    def forward(self, x: torch.Tensor) -> ReconstructionOutput:
+        check_image_input(x, self.in_chans)
+        h = self.normalize(x)
+        codes = self.backbone(h).codes
+        inputs = (h, *codes[:-1])  # z_0 .. z_{N-1}: the targets of each decoder stage
+        y = codes[-1]
+        for i in reversed(range(len(self.decoder))):
+            # output_size undoes the stride exactly for odd sizes too
+            y = self.decoder[i](y, output_size=inputs[i].shape[-2:])
+            if self.skip:
+                y = y + inputs[i]
+        mean, std = self.normalize.mean.view(1, -1, 1, 1), self.normalize.std.view(1, -1, 1, 1)
+        recon = y * std.to(y.dtype) + mean.to(y.dtype)
+        return ReconstructionOutput(reconstruction=recon, codes=dict(zip(self.stage_names, codes)))
+
+
+register_model("softae", "soft_autoencoder", activation="soft", stride=1)
+register_model("softae_wavelet", "soft_autoencoder", activation="soft", stride=2, kernel_size=2, widths=[16, 64, 256])
+register_model("relu_ae", "soft_autoencoder", activation="relu", stride=1)
+register_model("linear_ae", "soft_autoencoder", activation="linear", stride=1)
+
+
+# -- drop-in for any network ------------------------------------------------------------------------
+@torch.no_grad()
+def replace_relu_with_soft_threshold(
+    net: nn.Module,
+    example_input: torch.Tensor,
+    where: Any = nn.ReLU,
+    init: float = 1e-2,
+    param: str = "abs",
+) -> list[str]:
+    """Swap ReLUs (or any activation matched by ``where``) for :class:`SoftThreshold` in place.
+
+    ``nn.ReLU`` does not know its channel count, so one forward pass of ``example_input`` (e.g. one
+    ``(1, C, H, W)`` image) records the channels each matched module sees, then
+    :func:`models.surgery.replace_modules` does the swap. A module called on different channel counts
+    (e.g. one ReLU object reused at two widths) cannot become one per-channel threshold and raises.
+
+    Returns:
+        the dotted names of the replaced modules.
+    """
+    from models.surgery import find_modules, get_submodule
+
+    names = find_modules(net, where)
+    if not names:
+        raise KeyError(f"no submodule of {type(net).__name__} matches {where!r}")
+    seen: dict[str, set[int]] = {n: set() for n in names}
+    hooks = [
+        get_submodule(net, n).register_forward_hook(lambda _m, _i, out, n=n: seen[n].add(int(out.shape[1])))
+        for n in names
+    ]
+    was_training = net.training
+    net.eval()  # no running-statistics updates from the probe pass
+    try:
+        net(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train(was_training)
+    for n, chans in seen.items():
+        if len(chans) != 1:
+            what = "never ran on example_input" if not chans else f"ran on {sorted(chans)} channels"
+            raise ValueError(
+                f"cannot size a SoftThreshold for {n!r}: it {what}. Give each activation its own module "
+                f"(one per width) or pass where= the names to replace."
+            )
+    ref = next(iter(net.parameters()), None)
+    return replace_modules(
+        net,
+        names,
+        lambda n, _old: SoftThreshold(next(iter(seen[n])), init=init, param=param).to(
+            device=ref.device if ref is not None else None
+        ),
+    )
+
+
+# -- the classical reference ------------------------------------------------------------------------
+def universal_threshold(sigma: float, num_coefficients: int) -> float:
+    """Donoho–Johnstone universal (VisuShrink) threshold ``σ · √(2 log N)``."""
+    return float(sigma) * math.sqrt(2.0 * math.log(max(int(num_coefficients), 2)))
+
+
+def wavelet_shrinkage(
+    images: torch.Tensor,
+    threshold: float,
+    wavelet: str = "haar",
+    level: int | None = None,
+    mode: str = "periodization",
+) -> torch.Tensor:
+    """Classical wavelet soft-shrinkage denoiser (PyWavelets), the reference line of the benchmark.
+
+    Each channel of each image is decomposed with ``pywt.wavedec2``, every *detail* coefficient is
+    soft-thresholded at ``threshold`` (the approximation is kept), and the image is reconstructed.
+    With an orthonormal wavelet and ``mode="periodization"`` the transform is orthogonal, so
+    coefficient noise has the pixel noise's σ and :func:`universal_threshold` applies directly.
+
+    Args:
+        images: ``(B, C, H, W)`` float.
+        threshold: soft threshold in pixel units.
+        wavelet: PyWavelets name (``haar``, ``db2``, ...).
+        level: decomposition levels (``None``: the maximum useful level).
+
+    Returns:
+        ``(B, C, H, W)`` denoised images (same dtype/device as ``images``).
+    """
+    try:
+        import pywt
+    except ImportError as e:  # optional dependency
+        raise ImportError("wavelet_shrinkage needs PyWavelets: pip install 'interpzoo[wavelets]'") from e
+    arr = images.detach().cpu().double().numpy()
+    out = np.empty_like(arr)
+    for b in range(arr.shape[0]):
+        for c in range(arr.shape[1]):
+            coeffs = pywt.wavedec2(arr[b, c], wavelet, mode=mode, level=level)
+            shrunk = [coeffs[0]] + [
+                tuple(pywt.threshold(d, threshold, mode="soft") for d in detail) for detail in coeffs[1:]
+            ]
+            rec = pywt.waverec2(shrunk, wavelet, mode=mode)
+            out[b, c] = rec[: arr.shape[2], : arr.shape[3]]
+    return torch.from_numpy(out).to(dtype=images.dtype, device=images.device)
+
+
+# -- training ---------------------------------------------------------------------------------------
+class SoftAutoencoderModule(ReconstructionModule):
+    """Denoising training of a soft (or ReLU/linear) autoencoder with shrinkage metrics and report.
+
+    Extends :class:`models.lit_base.ReconstructionModule` (seeded evaluation noise, MSE, ``*/psnr``)
+    with ``*/ssim``, ``*/psnr_noisy`` (the noisy input, for reference), and per code stage
+    ``*/code_sparsity/<stage>``, ``*/hoyer_sparsity/<stage>``, ``*/hoyer_population/<stage>``,
+    ``*/dead_units/<stage>``, ``*/all_zero_codes/<stage>`` (``metrics.md`` A.5) and
+    ``*/threshold_mean/<stage>`` for soft stages. Labels of the datamodule are ignored.
+
+    Args:
+        arch, model_args, backbone, data_info, optimizer, scheduler, monitor, monitor_mode,
+            channels_last, compile: see :class:`models.lit_base.InterpModule` (``backbone`` is unused:
+            the soft autoencoder has its own encoder).
+        noise_std: σ of the additive white Gaussian noise in ``[0, 1]`` pixel units (``25 / 255``).
+        noise_seed: seed of the validation/test noise (per sample index: every evaluation sees the
+            same noisy images, on any number of ranks).
+        clip_noisy: clip the noisy input to ``[0, 1]`` (what a saved noisy image would be); off keeps
+            pure AWGN, the model under which shrinkage is derived.
+        sparsity_eps: ``|z| ≤ eps`` counts as zero (0 for the exact zeros of a soft threshold).
+        report_examples: number of test images in the report's noisy/denoised/clean figure.
+    """
+
+    def __init__(
+        self,
+        arch: str = "softae",
+        model_args: dict[str, Any] | None = None,
+        backbone: dict[str, Any] | None = None,
+        data_info: dict[str, Any] | None = None,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        monitor: str = "val/psnr",
+        monitor_mode: str = "max",
+        channels_last: bool = False,
+        compile: bool = False,
+        noise_std: float = 25 / 255,
+        noise_seed: int = 1234,
+        clip_noisy: bool = False,
+        sparsity_eps: float = 0.0,
+        report_examples: int = 8,
+    ) -> None:
+        if noise_std < 0:
+            raise ValueError(f"noise_std is a standard deviation in [0, 1] pixel units, got {noise_std}")
+        if noise_std > 1:
+            raise ValueError(f"noise_std={noise_std} looks like 0..255 units; use noise_std={noise_std}/255 "
+                             f"= {noise_std / 255:.4f} (images are in [0, 1])")
+        super().__init__(
+            arch=arch,
+            model_args=model_args,
+            backbone=backbone,
+            data_info=data_info,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            monitor=monitor,
+            monitor_mode=monitor_mode,
+            channels_last=channels_last,
+            compile=compile,
+            noise_std=noise_std,
+            noise_seed=noise_seed,
+        )
+        channels = getattr(self.net, "code_channels", None)
+        if not isinstance(channels, dict):
+            raise TypeError(
+                f"SoftAutoencoderModule needs an autoencoder exposing code_channels (e.g. arch=softae), "
+                f"got {type(self.net).__name__} from arch={arch!r}"
+            )
+        self.clip_noisy = bool(clip_noisy)
+        self.report_examples = int(report_examples)
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_ssim", StructuralSimilarityIndexMeasure(data_range=1.0))
+            setattr(self, f"{stage}_psnr_noisy", PeakSignalNoiseRatio(data_range=1.0))
+        self.code_stats = nn.ModuleDict(
+            {
+                stage: nn.ModuleDict({n: CodeStatistics(c, eps=sparsity_eps) for n, c in channels.items()})
+                for stage in ("val", "test")
+            }
+        )
+
+    def add_noise(self, x: torch.Tensor, index: torch.Tensor | None, stage: str) -> torch.Tensor:
+        noisy = super().add_noise(x, index, stage)
+        return noisy.clamp(0.0, 1.0) if self.clip_noisy else noisy
+
+    def update_eval_metrics(self, out: NetworkOutput, batch: dict[str, Any], noisy: torch.Tensor, stage: str) -> None:
+        clean = batch_input(batch)
+        ssim, psnr_noisy = getattr(self, f"{stage}_ssim"), getattr(self, f"{stage}_psnr_noisy")
+        # Same clamp as the base class's PSNR: a denoised image is shown/saved in [0, 1].
+        ssim(out.reconstruction.detach().clamp(0, 1), clean)
+        psnr_noisy(noisy, clean)
+        self.log(f"{stage}/ssim", ssim, on_step=False, on_epoch=True)
+        self.log(f"{stage}/psnr_noisy", psnr_noisy, on_step=False, on_epoch=True)
+        for name, metric in self.code_stats[stage].items():
+            metric.update(out.codes[name].detach())
+
+    def _log_code_metrics(self, stage: str) -> None:
+        # CodeStatistics.compute() all-reduces its sum states, so every rank must reach it.
+        for name, metric in self.code_stats[stage].items():
+            if metric.update_count == 0:
+                continue
+            values = metric.compute()
+            metric.reset()
+            if self.trainer.sanity_checking:
+                continue
+            for key, value in values.items():
+                self.log(f"{stage}/{key}/{name}", value, sync_dist=True)
+        if not self.trainer.sanity_checking:
+            for name, b in self.net.thresholds().items():
+                self.log(f"{stage}/threshold_mean/{name}", b.mean(), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_code_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_code_metrics("test")
+
+    # -- report ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def denoise_examples(self, datamodule: pl.LightningDataModule, n: int) -> dict[str, torch.Tensor]:
+        """``{"noisy", "denoised", "clean"}`` ``(n, C, H, W)`` for the first ``n`` test images (seeded noise)."""
+        from torch.utils.data import DataLoader, Subset
+
+        datamodule.setup("test")
+        dataset = datamodule.test_set
+        batch = next(iter(DataLoader(Subset(dataset, range(min(n, len(dataset)))), batch_size=n)))
+        clean = batch_input(batch).to(self.device)
+        index = batch.get("index", torch.arange(clean.shape[0]))
+        noisy = self.add_noise(clean, index, "test")
+        was_training = self.training
+        self.eval()
+        try:
+            denoised = self(noisy).reconstruction.clamp(0, 1)
+        finally:
+            self.train(was_training)
+        return {"noisy": noisy.cpu(), "denoised": denoised.cpu(), "clean": clean.cpu()}
+
+    def write_report(self, out_dir: Path, datamodule: pl.LightningDataModule) -> list[Path]:
+        """Noisy/denoised/clean examples, learned thresholds per stage, first-layer filters (PNG)."""
+        from metrics.soft_autoencoder import denoising_figure, filters_figure, thresholds_figure
+
+        out_dir = Path(out_dir)
+        paths = [denoising_figure(self.denoise_examples(datamodule, self.report_examples),
+                                  out_dir / "denoising_examples.png", noise_std=self.noise_std)]
+        thresholds = self.net.thresholds()
+        if thresholds:
+            paths.append(thresholds_figure(thresholds, out_dir / "thresholds.png", noise_std=self.noise_std))
+        first = self.net.backbone.stages[0].conv.weight.detach().cpu()
+        paths.append(filters_figure(first, out_dir / "first_layer_filters.png"))
+        return paths
