@@ -13,7 +13,7 @@ Printed: test accuracy of both, concept AUC per concept (one-vs-all on held-out 
 CW axes and for the two baselines on the fine-tuned BN model at the same layer (best single filter,
 linear probe / CAV), decorrelation of the layer, and wall time.
 
-    python benchmarks/concept_whitening.py --warm-epochs 3 --ft-epochs 2 --n-train 2000
+    python benchmarks/concept_whitening.py --warm-epochs 3 --ft-epochs 3 --n-train 2000 --hard
 """
 
 from __future__ import annotations
@@ -89,15 +89,17 @@ def main() -> None:
     p.add_argument("--activation-mode", default="pool_max")
     p.add_argument("--grad-mode", default="exact")
     p.add_argument("--concept-samples", type=int, default=200)
+    p.add_argument("--hard", action="store_true", help="PartShapes-hard: random layout, 3 distractors, part dropout 0.35, noise 16")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
 
+    hard = {"num_distractors": 3, "part_dropout": 0.35, "random_rotation": True, "noise_std": 16.0} if args.hard else {}
     dm = PartShapesDataModule(
         n_train=args.n_train, n_val=64, n_test=args.n_test, batch_size=args.batch_size, cache=True,
-        n_concept_train=args.concept_samples, n_concept_test=args.concept_samples,
+        n_concept_train=args.concept_samples, n_concept_test=args.concept_samples, **hard,
     )
     dm.setup("fit")
     common = _common(args, dm)
@@ -152,7 +154,7 @@ def main() -> None:
         scores = torch.cat([cw.net(chunk).concept_activations for chunk in x.split(128)])
     cw_auc, _ = concept_aucs(scores, te_y, k)
 
-    print(f"\nConcept whitening benchmark: PartShapes {args.n_train} train / {args.n_test} test, resnet18s width "
+    print(f"\nConcept whitening benchmark: PartShapes{'-hard' if args.hard else ''} {args.n_train} train / {args.n_test} test, resnet18s width "
           f"{args.width}, warm-up {args.warm_epochs} ep + fine-tune {args.ft_epochs} ep, layer3.0.bn1, "
           f"{args.activation_mode}/{args.grad_mode}, align every {args.align_every} batches\n")
     print("| model | test acc | fine-tune s | mean abs off-diag corr at layer |")

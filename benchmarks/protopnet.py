@@ -94,7 +94,8 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="protopnet_bench_"))
     common = [f"data.n_train={args.n_train}", f"data.n_val={args.n_val}", f"data.n_test={args.n_test}",
               f"data.batch_size={args.batch_size}", f"trainer.max_epochs={args.epochs}", f"seed={args.seed}",
-              "backbone=resnet18s", "logger=none", "callbacks.intrinsic_dim=null", "report=false"]
+              "backbone=resnet18s", "logger=none", "callbacks.intrinsic_dim=null", "callbacks.progress_bar=null",
+              "report=false"]
     results: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
     for name in ("baseline", "protopnet"):

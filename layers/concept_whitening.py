@@ -83,6 +83,15 @@ def newton_schulz_iterates(sigma: Tensor, T: int) -> Iterator[tuple[Tensor, Tens
         yield p, sigma_n
 
 
+def newton_schulz(sigma: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    """``(P_T, Sigma_N)``: the last iterate of :func:`newton_schulz_iterates`."""
+    sigma_n = sigma / sigma.diagonal().sum()
+    p = torch.eye(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
+    for _ in range(T):
+        p = 1.5 * p - 0.5 * (p @ p @ p @ sigma_n)
+    return p, sigma_n
+
+
 def whitening_residual(p: Tensor, sigma_n: Tensor) -> Tensor:
     """``max |P Sigma_N P - I|``: the whitening error of the output covariance (0 when exact)."""
     eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
@@ -116,10 +125,7 @@ def iternorm_whitening_matrix(sigma: Tensor, T: int = 10, guard: str | None = "f
     if T < 1:
         raise ValueError(f"T must be >= 1, got {T}")
     trace = sigma.diagonal().sum()
-    p = sigma_n = None
-    for p, sigma_n in newton_schulz_iterates(sigma, T):
-        pass
-    assert p is not None and sigma_n is not None
+    p, sigma_n = newton_schulz(sigma, T)
     if guard is not None:
         with torch.no_grad():
             res = whitening_residual(p, sigma_n)
@@ -142,19 +148,14 @@ def _guarded_iterate(sigma: Tensor, T: int, guard: str, final_residual: float) -
         raise WhiteningDivergedError(f"concept whitening: the input covariance is not finite. {msg}")
     with torch.no_grad():
         residuals = []
-        for p, sigma_n in newton_schulz_iterates(sigma.detach(), T):
-            r = whitening_residual(p, sigma_n)
-            residuals.append(float(r) if torch.isfinite(r) and torch.isfinite(p).all() else math.inf)
+        for pk, sigma_n in newton_schulz_iterates(sigma.detach(), T):
+            r = whitening_residual(pk, sigma_n)
+            residuals.append(float(r) if torch.isfinite(r) and torch.isfinite(pk).all() else math.inf)
     best = min(range(T), key=lambda k: residuals[k])
     if not math.isfinite(residuals[best]):
         raise WhiteningDivergedError(msg)
-    warnings.warn(f"{msg} Falling back to iteration {best + 1} (residual {residuals[best]:.3g}).", stacklevel=4)
-    p = None
-    for k, (p, _) in enumerate(newton_schulz_iterates(sigma, best + 1)):  # with autograd this time
-        if k == best:
-            break
-    assert p is not None
-    return p
+    warnings.warn(f"{msg} Falling back to iteration {best + 1} (residual {residuals[best]:.3g}).", stacklevel=3)
+    return newton_schulz(sigma, best + 1)[0]  # again, with autograd
 
 
 # ---------------------------------------------------------------------------------------------

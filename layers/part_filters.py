@@ -26,9 +26,9 @@ flagged by ``Deviation`` in the docstrings:
   map with a chosen sharpness. Both default to the literal paper (off / 1.0).
 * ``positive``: the explicit MI of the paper does not use labels, but the paper's approximate
   gradient and the official code pick the template by label (``T-`` for negatives, ``T_mu_hat`` for
-  positives). Passing ``positive`` replaces the inter-category entropy by the cross-entropy of
-  ``p(T'|x)`` against the label (the same value when ``p(T'|x)`` is the label's one-hot), which is
-  how multi-category filters are tied to their class.
+  positives). Passing ``positive`` gives :func:`supervised_filter_terms`: the same posterior
+  ``p(T|x)``, with the inter-category entropy replaced by the cross-entropy of ``p(T'|x)`` against
+  the label; this is how multi-category filters are tied to their category.
 * the official code's gradient injection (no scalar loss; Sec. 2.2 of the spec) is available as
   :func:`official_filter_grad` behind ``loss_impl="official_grad"``, without the unexplained
   batch/filter flip of its masks (zqs1022/interpretableCNN issue #8).
@@ -60,6 +60,7 @@ __all__ = [
     "PartFilterMask",
     "filter_loss",
     "filter_mi_terms",
+    "supervised_filter_terms",
     "locate_parts",
     "mask_distance",
     "official_filter_grad",
@@ -391,7 +392,8 @@ class PartFilterMask(nn.Module):
 
         ``sqrtvar_f`` is the strength-weighted mean of :func:`spatial_spread` over the images that are
         positive for filter ``f`` (all images when ``positive`` is ``None``); strength is the mean
-        masked activation. Sums are all-reduced, so every rank applies the same step.
+        activation (the reference code weights by the mean *masked* activation, which can be negative
+        and then flips the weights). Sums are all-reduced, so every rank applies the same step.
 
         Args:
             x: ``(B, C, H, W)`` maps before masking.
@@ -401,7 +403,7 @@ class PartFilterMask(nn.Module):
             return
         _check_maps(x)
         spread = spatial_spread(x, "official")
-        strength = (x.detach().float() * self.mask(x).float()).mean((2, 3)).clamp(min=0)
+        strength = x.detach().float().clamp(min=0).mean((2, 3))
         if positive is not None:
             pos = _expand_positive(positive, x.shape[0], x.shape[1]).to(strength.dtype)
             strength = strength * pos
@@ -424,13 +426,14 @@ class PartFilterMask(nn.Module):
 class FilterLossOutput:
     """The filter loss and its exposed terms (scalars reduced over filters; ``per_filter`` ``(C,)``).
 
-    ``loss = -H(T) + inter_category_entropy + spatial_entropy`` (``= -mi`` without labels).
+    Without labels ``loss = -mi = -H(T) + inter_category_entropy + spatial_entropy``; with labels
+    ``loss = inter_category_entropy + spatial_entropy`` of :func:`supervised_filter_terms`.
 
     Attributes:
         loss: the value to add (times lambda) to the task loss.
         mi: mutual information ``MI(X; T)`` in nats, in ``[0, min(log(n^2+1), log B)]``.
-        inter_category_entropy: ``H(T'|X)`` (with labels: the cross-entropy of ``p(T'|x)`` vs the label).
-        spatial_entropy: ``sum_x p(T+, x) H(T+|X=x)``.
+        inter_category_entropy: ``H(T'|X)`` (with labels: the mean cross-entropy of ``p(T'|x)`` vs the label).
+        spatial_entropy: ``sum_x p(T+, x) H(T+|X=x)`` (with labels: mean over images of ``1[+] H(T+|x)``).
         prior_entropy: ``H(T)``, a constant under fixed priors.
         per_filter: ``(C,)`` loss of every filter.
     """
@@ -490,64 +493,80 @@ def template_scores(x: torch.Tensor, templates: torch.Tensor, scale: float = 1.0
     return scale * (x.reshape(b, c, h * w) @ t.T)
 
 
-def filter_mi_terms(
-    scores: torch.Tensor, log_prior: torch.Tensor, positive: torch.Tensor | None = None, valid: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
+def filter_mi_terms(scores: torch.Tensor, log_prior: torch.Tensor) -> dict[str, torch.Tensor]:
     """The MI and its terms from template scores (paper Eq. 3-4), per filter.
 
     With ``s[b, c, t] = tr(x_b . T_t)``: ``p(x_b|T_t) = softmax_b(s[:, c, t])`` (``Z_T`` sums over the
     batch), ``p(x) = sum_T p(T) p(x|T)``, ``p(T|x) = p(T) p(x|T) / p(x)``, and
-    ``MI = sum_T p(T) sum_x p(x|T) log(p(x|T) / p(x))``. Computed in log space.
+    ``MI = sum_T p(T) sum_x p(x|T) log(p(x|T) / p(x))``. Computed in log space. The decomposition
+    ``-MI = -H(T) + H(T'|X) + sum_x p(T+, x) H(T+|X=x)`` (``T' = {T-, T+}``) holds exactly.
 
     Args:
         scores: ``(B, C, T)``; the last template is the negative one.
-        log_prior: ``(T,)`` log priors.
-        positive: optional ``(B, C)`` bool labels (image ``b`` is positive for filter ``c``): the
-            inter-category term becomes the cross-entropy ``sum_x p(x) (-log p(T' = y_x | x))``.
-        valid: optional ``(B,)`` bool; invalid rows are left out of every sum.
+        log_prior: ``(T,)`` log priors (or ``(C, T)``, one prior per filter).
 
     Returns:
-        dict of ``(C,)`` tensors ``mi``, ``inter``, ``spatial``, ``loss`` and the scalar ``prior_entropy``.
+        dict of ``(C,)`` tensors ``mi``, ``inter``, ``spatial``, ``loss`` (``= -mi``) and ``prior_entropy``.
     """
     b, c, t = scores.shape
     lp = log_prior.to(device=scores.device, dtype=scores.dtype)
-    if lp.shape != (t,):
-        raise ValueError(f"log_prior must have {t} entries (one per template), got {tuple(lp.shape)}")
-    if valid is not None:
-        scores = scores.masked_fill(~valid.view(b, 1, 1), float("-inf"))
+    if lp.shape not in ((t,), (c, t)):
+        raise ValueError(f"log_prior must be ({t},) or ({c}, {t}) (one entry per template), got {tuple(lp.shape)}")
+    lp = lp.expand(c, t)
     log_px_t = torch.log_softmax(scores, dim=0)  # log p(x|T): normalised over the images
     log_joint = log_px_t + lp  # log p(T, x)
     log_px = torch.logsumexp(log_joint, dim=2, keepdim=True)  # log p(x)
     log_post = log_joint - log_px  # log p(T|x)
-    joint = log_joint.exp()
     px = log_px.squeeze(-1).exp()  # (B, C)
-    if valid is not None:  # -inf rows: keep 0 * (-inf) out of the sums
-        keep = valid.view(b, 1, 1)
-        log_post = log_post.masked_fill(~keep, 0.0)
-        log_px_t = log_px_t.masked_fill(~keep, 0.0)
-        log_px = log_px.masked_fill(~keep, 0.0)
-    mi = (joint * (log_px_t - log_px)).sum((0, 2))
+    mi = (log_joint.exp() * (log_px_t - log_px)).sum((0, 2))
     # T' = {T-, T+}: the negative template vs the union of the positive ones.
-    log_neg = log_post[..., -1]
-    log_pos = torch.logsumexp(log_post[..., :-1], dim=-1)
-    p_neg, p_pos = log_neg.exp(), log_pos.exp()
-    if positive is None:
-        inter_x = -(p_neg * log_neg + p_pos * log_pos)
-    else:
-        inter_x = -torch.where(positive, log_pos, log_neg)
-    inter = (px * inter_x).sum(0)
-    # H(T+|X=x): entropy of the location given that x fits a positive template.
+    log_neg, log_pos = _split_posterior(log_post)
+    inter = (px * -(log_neg.exp() * log_neg + log_pos.exp() * log_pos)).sum(0)
+    spatial = (px * log_pos.exp() * _location_entropy(log_post, log_pos)).sum(0)
+    prior_entropy = -(lp.exp() * lp).sum(-1)
+    return {"mi": mi, "inter": inter, "spatial": spatial, "loss": -prior_entropy + inter + spatial,
+            "prior_entropy": prior_entropy}
+
+
+def _split_posterior(log_post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(T-|x), log p(T+|x))`` from the full posterior ``(B, C, T)``."""
+    return log_post[..., -1], torch.logsumexp(log_post[..., :-1], dim=-1)
+
+
+def _location_entropy(log_post: torch.Tensor, log_pos: torch.Tensor) -> torch.Tensor:
+    """``H(T+|X=x)``: entropy of the part location given that ``x`` fits a positive template, ``(B, C)``."""
     log_q = log_post[..., :-1] - log_pos[..., None]
-    h_pos = -(log_q.exp() * log_q).sum(-1)
-    spatial = (px * p_pos * h_pos).sum(0)
-    prior_entropy = -(lp.exp() * lp).sum()
-    return {
-        "mi": mi,
-        "inter": inter,
-        "spatial": spatial,
-        "loss": -prior_entropy + inter + spatial,
-        "prior_entropy": prior_entropy,
-    }
+    return -(log_q.exp() * log_q).sum(-1)
+
+
+def supervised_filter_terms(scores: torch.Tensor, positive: torch.Tensor, alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """Label-aware counterpart of the MI terms (deviation; see :func:`filter_loss`), per filter.
+
+    The posterior ``p(T|x)`` is the paper's (templates, batch-normalised likelihoods), with the prior
+    of the positive templates set to the fraction ``alpha_c`` of images positive for filter ``c`` (the
+    reference code balances positives and negatives the same way). Then, averaged over images:
+
+    * ``inter = mean_x -log p(T' = y_x | x)``: negatives must fit ``T-``, positives a positive template;
+    * ``spatial = mean_x 1[y_x = +] H(T+|X=x)``: a positive image peaks at one location.
+
+    Both are 0 for an ideal batch. Uniform image weights (instead of the MI's ``p(x)``) matter: with
+    ``p(x)`` weights the optimiser lowers the loss by concentrating ``p(x)`` on a few easy images.
+
+    Args:
+        scores: ``(B, C, T)``; positive: ``(B, C)`` bool; alpha: fixed positive prior mass instead.
+    """
+    b, c, t = scores.shape
+    pos = positive.to(scores.device)
+    a = pos.to(scores.dtype).mean(0) if alpha is None else torch.full((c,), float(alpha), dtype=scores.dtype,
+                                                                       device=scores.device)
+    a = a.clamp(0.5 / b, 1.0 - 0.5 / b)
+    lp = torch.cat([(a / (t - 1)).log()[:, None].expand(c, t - 1), (1.0 - a).log()[:, None]], 1)
+    log_joint = torch.log_softmax(scores, dim=0) + lp
+    log_post = log_joint - torch.logsumexp(log_joint, dim=2, keepdim=True)
+    log_neg, log_pos = _split_posterior(log_post)
+    inter = -torch.where(pos, log_pos, log_neg).mean(0)
+    spatial = (pos.to(scores.dtype) * _location_entropy(log_post, log_pos)).mean(0)
+    return {"inter": inter, "spatial": spatial, "loss": inter + spatial}
 
 
 def filter_loss(
@@ -563,18 +582,26 @@ def filter_loss(
 ) -> FilterLossOutput:
     """The filter loss ``-MI(X; T)`` of paper Eq. 2 over the batch, with its two entropy terms.
 
+    Without labels this is the paper's loss: ``loss = -mi = -H(T) + inter + spatial``.
+
+    Deviation, with ``positive`` (the paper's approximate gradient and the reference code choose the
+    template by label, which is how multi-category filters get their category):
+    ``loss = inter + spatial`` from :func:`supervised_filter_terms` (prior of ``T+`` = fraction of
+    positives, cross-entropy of ``p(T'|x)`` against the label, location entropy of positives, image
+    weights uniform). ``mi`` is still the paper's MI (uniform template priors) of the same maps, for
+    monitoring.
+
     Args:
         x: ``(B, C, H, W)`` filter maps after ReLU and *before* the mask (the quantity the templates
             describe).
-        positive: optional ``(B,)`` or ``(B, C)`` bool labels; see :func:`filter_mi_terms`.
-            Deviation: labels are not in the paper's MI (see the module docstring).
+        positive: optional ``(B,)`` or ``(B, C)`` bool labels (image positive for filter).
         beta, tau, alpha: template sharpness, magnitude (default ``0.5 / n^2``) and positive prior
-            mass (default ``n^2 / (n^2 + 1)``).
+            mass (paper default ``n^2 / (n^2 + 1)``; with labels, the fraction of positives).
         template_scale: multiplies the templates (a sharpness / inverse temperature). Deviation: 1 is
             the paper; larger values keep the MI from vanishing for O(1) activations.
         normalize: ``"none"`` (paper) or ``"max"`` (divide each filter by its detached batch max).
-        sync: under an initialised process group, compute the MI over the global batch (scores and
-            labels all-gathered, scores with gradients) instead of each rank's shard.
+        sync: under an initialised process group, compute over the global batch (scores and labels
+            all-gathered, scores with gradients) instead of each rank's shard.
         reduction: ``"mean"`` over filters or ``"sum"`` (the paper's ``sum_f Loss_f``).
 
     Returns:
@@ -585,7 +612,6 @@ def filter_loss(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     b, c, h, w = x.shape
     templates = part_templates(h, w, beta, tau)
-    log_prior = template_priors(h, w, alpha).log()
     xn = normalize_maps(x, normalize, sync)
     # float32 at least: log-softmax over the batch of large scores is unstable in half precision.
     work = xn.float() if xn.dtype in (torch.float16, torch.bfloat16) else xn
@@ -595,14 +621,15 @@ def filter_loss(
         scores = gather_batch(scores, with_grad=True)
         if pos is not None:
             pos = gather_batch(pos.to(torch.uint8), with_grad=False).bool()
-    terms = filter_mi_terms(scores, log_prior, pos)
+    paper = filter_mi_terms(scores, template_priors(h, w, None if pos is not None else alpha).log())
+    terms = paper if pos is None else supervised_filter_terms(scores, pos, alpha)
     red = torch.mean if reduction == "mean" else torch.sum
     return FilterLossOutput(
         loss=red(terms["loss"]),
-        mi=red(terms["mi"]),
+        mi=red(paper["mi"]),
         inter_category_entropy=red(terms["inter"]),
         spatial_entropy=red(terms["spatial"]),
-        prior_entropy=terms["prior_entropy"] * (1 if reduction == "mean" else c),
+        prior_entropy=red(paper["prior_entropy"].expand(c)),
         per_filter=terms["loss"],
     )
 

@@ -1,6 +1,11 @@
 """Interpretability metrics (torchmetrics ``Metric``s with DDP-reducible state), callbacks and report figures."""
 
-from metrics.concept_whitening import ConceptAUC, ConceptSimilarity, PermutationImportance, WhiteningCorrelation
+from metrics.concept_whitening import (
+    ConceptAUC,
+    ConceptSimilarity,
+    PermutationImportance,
+    WhiteningCorrelation,
+)
 from metrics.icnn import LocationInstability, part_dissection
 from metrics.intrinsic_dim import twonn_dimension, twonn_ratios
 from metrics.protopnet import (

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from rich.progress import track
 from torch.utils.data import DataLoader, Subset
 
@@ -55,9 +56,16 @@ class IntrinsicDimension(pl.Callback):
     def compute(self, pl_module: pl.LightningModule, dataset: torch.utils.data.Dataset) -> dict[str, float]:
         from models.lit_base import batch_input
 
-        feats: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
-        hooks = []
+        layers = []
         for name in self.layers:
+            try:
+                get_submodule(pl_module, name)
+                layers.append(name)
+            except KeyError as e:
+                rank_zero_warn(f"intrinsic dimension: skipping layer {name!r}: {e.args[0]}")
+        feats: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+        hooks = []
+        for name in layers:
             module = get_submodule(pl_module, name)
 
             def hook(_m, _i, out, name=name):

@@ -67,6 +67,10 @@ class LocationInstability(Metric):
     landmark is dropped (the official code drops NaN filters). ``select_ratio < 1`` averages only
     the most stable filters (official ``selectPatternRatio``, 1.0 there).
 
+    Deviation: images where the filter's maximum is ``<= min_score`` (silent filter) are not
+    candidates; the official code ranks them too, so a dead filter (argmax always at cell 0) scores a
+    perfect 0 there.
+
     Ties in activation are broken by the smaller sample ``index`` (pass the batch's global
     ``"index"``), so the result does not depend on how the data is sharded over ranks.
 
@@ -74,13 +78,23 @@ class LocationInstability(Metric):
         num_filters: ``C``; num_landmarks: ``K``.
         top_m: images per filter and landmark (100 in the paper).
         select_ratio: fraction of filters averaged.
+        min_score: an image counts for a filter only when the filter's maximum exceeds this.
     """
 
     full_state_update = False
     higher_is_better = False
 
-    def __init__(self, num_filters: int, num_landmarks: int, top_m: int = 100, select_ratio: float = 1.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_filters: int,
+        num_landmarks: int,
+        top_m: int = 100,
+        select_ratio: float = 1.0,
+        min_score: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        self.min_score = float(min_score)
         if top_m < 2:
             raise ValueError(f"top_m must be >= 2 (a standard deviation needs two images), got {top_m}")
         if not 0 < select_ratio <= 1:
@@ -122,7 +136,9 @@ class LocationInstability(Metric):
             )
         score, pos = inferred_positions(features, image_size)
         d = torch.linalg.vector_norm(landmarks[:, None, :, :].float() - pos[:, :, None, :], dim=-1)  # (B, C, K)
-        ok = visible.bool()[:, None, :].expand(b, c, self.num_landmarks)
+        # An image where the filter is silent (max <= 0, e.g. a dead ReLU filter) has no inferred part: its
+        # argmax would sit at cell (0, 0) every time and fake a perfectly stable filter.
+        ok = visible.bool()[:, None, :] & (score > self.min_score)[:, :, None]
         if candidates is not None:
             ok = ok & candidates.bool()[:, :, None]
         s = score[:, :, None].expand(b, c, self.num_landmarks).masked_fill(~ok, float("-inf"))

@@ -39,7 +39,11 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Mean SSIM of ``(B, C, H, W)`` images (11×11 Gaussian window, σ = 1.5; needs ``H, W ≥ 11``)."""
+    """Mean SSIM of ``(B, C, H, W)`` images (11×11 Gaussian window, σ = 1.5; needs ``H, W ≥ 11``).
+
+    torchmetrics reflect-pads the borders and averages the SSIM map over the whole image (Wang et al.'s
+    reference code averages over the valid interior only), so values differ slightly from that code.
+    """
     if min(pred.shape[-2:]) < 11:
         raise ValueError(f"SSIM uses an 11x11 window; images {tuple(pred.shape[-2:])} are too small "
                          "(resize to at least 11x11, e.g. data.image_size=32)")

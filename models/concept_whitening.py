@@ -434,7 +434,12 @@ class ConceptWhiteningModule(ClassificationModule):
     ) -> None:
         kwargs.setdefault("arch", "cw")
         super().__init__(*args, **kwargs)
-        from metrics.concept_whitening import ConceptAUC, ConceptSimilarity, PermutationImportance, WhiteningCorrelation
+        from metrics.concept_whitening import (
+            ConceptAUC,
+            ConceptSimilarity,
+            PermutationImportance,
+            WhiteningCorrelation,
+        )
 
         bad = sorted(set(cayley or {}) - set(_CAYLEY_KEYS))
         if bad:
@@ -698,7 +703,7 @@ class ConceptWhiteningModule(ClassificationModule):
         values[f"{stage}/concept_similarity_offdiag"] = float(offdiag)
         values.update({f"{stage}/{k}": v for k, v in self._baselines().items()})
         for k, v in values.items():
-            self.log(k, v, sync_dist=False, rank_zero_only=False)
+            self.log(k, v, sync_dist=True, rank_zero_only=False)
 
     @torch.no_grad()
     def _baselines(self) -> dict[str, float]:
@@ -753,9 +758,9 @@ class ConceptWhiteningModule(ClassificationModule):
         res = corr.compute()  # all ranks: sum-reduced states
         corr.reset()
         if torch.isfinite(res["offdiag_mean"]):
-            self.log(f"{stage}/whitening_offdiag_corr", float(res["offdiag_mean"]), sync_dist=False)
-            self.log(f"{stage}/whitening_cov_error", float(res["cov_error"]), sync_dist=False)
-        self.log(f"{stage}/rotation_orthogonality_error", self.net.cw_layer.rotation_orthogonality_error(), sync_dist=False)
+            self.log(f"{stage}/whitening_offdiag_corr", float(res["offdiag_mean"]), sync_dist=True)
+            self.log(f"{stage}/whitening_cov_error", float(res["cov_error"]), sync_dist=True)
+        self.log(f"{stage}/rotation_orthogonality_error", self.net.cw_layer.rotation_orthogonality_error(), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
@@ -774,8 +779,8 @@ class ConceptWhiteningModule(ClassificationModule):
             if self.hparams.permutation_importance:
                 res = self.test_permutation.compute()
                 for j, c in enumerate(self.concept_names):
-                    self.log(f"test/concept_importance/{c}", float(res["loss_increase"][j]), sync_dist=False)
-                    self.log(f"test/concept_importance_acc/{c}", float(res["error_increase"][j]), sync_dist=False)
+                    self.log(f"test/concept_importance/{c}", float(res["loss_increase"][j]), sync_dist=True)
+                    self.log(f"test/concept_importance_acc/{c}", float(res["error_increase"][j]), sync_dist=True)
                 self.test_permutation.reset()
 
     # -- reports ------------------------------------------------------------------------------------

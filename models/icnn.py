@@ -128,7 +128,7 @@ def attach_part_filters(
         in_channels: channels of its output; inferred from ``example_input`` (one forward pass) or
             from the last conv/norm layer inside the submodule.
         num_layers: interpretable layers appended.
-        **block_kwargs: arguments of :class:`InterpretableConv2d`.
+        **block_kwargs: arguments of :class:`InterpretableConv2d` (``mask_input`` applies to the first).
 
     Returns:
         the new layers, in order.
@@ -142,7 +142,10 @@ def attach_part_filters(
                 raise ValueError(f"cannot tell the channels of {name!r}: pass in_channels= or example_input=")
             last = found[-1]
             in_channels = last.out_channels if isinstance(last, nn.Conv2d) else last.num_features
-    blocks = [InterpretableConv2d(in_channels, in_channels, **block_kwargs) for _ in range(num_layers)]
+    # Only the first layer can mask its input: the others receive an already masked map.
+    first_kw = dict(block_kwargs)
+    rest_kw = {**block_kwargs, "mask_input": False}
+    blocks = [InterpretableConv2d(in_channels, in_channels, **(first_kw if k == 0 else rest_kw)) for k in range(num_layers)]
     old = get_submodule(net, name)
     seq = nn.Sequential(OrderedDict([("base", old), *((f"icnn{k + 1}", b) for k, b in enumerate(blocks))]))
     set_submodule(net, name, seq)

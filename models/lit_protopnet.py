@@ -79,6 +79,7 @@ DEFAULT_METRICS = {
     "enabled": True,
     "stages": ["val", "test"],
     "stability": True,
+    "stability_stages": ["val", "test"],
     "noise_seed": 0,
     "half_fraction": HUANG_HALF_FRACTION,
     "consistency_threshold": 0.8,
@@ -182,8 +183,9 @@ class ProtoPNetModule(ClassificationModule):
         push: ``{class_specific, percentile, measure_gap}``; ``measure_gap`` runs an extra validation pass
             before each push to log ``val/push_gap`` (accuracy before minus after push).
         prune: ``{enabled, k, threshold}``.
-        metrics: prototype metrics (:mod:`metrics.protopnet`): ``{enabled, stages, stability, noise_seed,
-            half_fraction, consistency_threshold, part_purity_k, class_purity_k, explanation_fraction}``.
+        metrics: prototype metrics (:mod:`metrics.protopnet`): ``{enabled, stages, stability, stability_stages,
+            noise_seed, half_fraction, consistency_threshold, part_purity_k, class_purity_k,
+            explanation_fraction}``; stability costs a second forward pass, ``stability_stages`` limits it.
         optimizer, scheduler: unused (ProtoPNet builds its own three optimisers); accepted so that the
             shared config keys compose.
     """
@@ -443,6 +445,9 @@ class ProtoPNetModule(ClassificationModule):
             self.run_push(entry)
 
     # -- metrics ----------------------------------------------------------------------------------
+    def _stability_on(self, stage: str) -> bool:
+        return bool(self.metrics_cfg["stability"]) and stage in self.metrics_cfg["stability_stages"]
+
     def update_eval_metrics(self, out: ProtoPNetOutput, batch: dict[str, Any], stage: str) -> None:
         if stage not in self.proto_metrics:
             return
@@ -456,7 +461,7 @@ class ProtoPNetModule(ClassificationModule):
         if "landmarks" in batch and "landmark_visible" in batch:
             lm, vis = batch["landmarks"], batch["landmark_visible"]
             m.consistency.update(out.similarity_maps, y, lm, vis, size)
-            if self.metrics_cfg["stability"] and "index" in batch:
+            if self._stability_on(stage) and "index" in batch:
                 std = self.net.normalize.std.tolist()
                 noisy = stability_noise(x, batch["index"], std, self.metrics_cfg["noise_seed"])
                 m.stability.update(out.similarity_maps, self(noisy).similarity_maps, y, lm, vis, size)
@@ -486,7 +491,7 @@ class ProtoPNetModule(ClassificationModule):
                 values["explanation_size"] = float(m.explanation_size.compute())
                 if m.has_parts and m.consistency.update_count > 0:
                     values["prototype_consistency"] = float(m.consistency.compute())
-                    if self.metrics_cfg["stability"]:
+                    if self._stability_on(stage):
                         values["prototype_stability"] = float(m.stability.compute())
                 if m.has_parts and m.part_purity.update_count > 0:
                     pp = m.part_purity.compute()

@@ -358,7 +358,7 @@ class SENNModule(ClassificationModule):
         robustness_lambda: weight of the robustness loss (0 disables it in training).
         penalty_target: ``logits`` (0 for a model linear in its concepts) or ``log_probs`` (the
             reference code's choice).
-        penalty_reduction: ``mean`` | ``rms`` | ``batch_fro`` | ``none``-free options of
+        penalty_reduction: ``mean`` | ``rms`` | ``batch_fro``, see
             :func:`layers.senn.robustness_loss` (``batch_fro`` is the reference's, it scales with
             sqrt(batch)).
         penalty_method: ``stopgrad`` (C vector-Jacobian products) or ``jacobian`` (the full C + k).
@@ -371,6 +371,10 @@ class SENNModule(ClassificationModule):
         faithfulness: log concept-level faithfulness (``faithfulness`` with the zero baseline,
             ``faithfulness_median`` with training medians) and, for the input conceptizer,
             ``faithfulness_input``.
+        faithfulness_relevance: what is correlated with the probability drops: ``theta``
+            (``theta_{i,y}``, the paper's) or ``contribution`` (``theta_{i,y} h_i``; removing concept
+            ``i`` moves the logit by exactly this, so it is faithful by construction, while ``theta``
+            alone ignores the sign and size of ``h_i``).
         input_faithfulness_max_features: skip the input-level variant above this many inputs (it
             costs one forward per input entry).
         lipschitz: local Lipschitz settings (:data:`LIPSCHITZ_DEFAULTS`); ``points: 0`` disables it.
@@ -400,6 +404,7 @@ class SENNModule(ClassificationModule):
         sparsity_weight: float = 2e-5,
         val_penalty_batches: int = 1,
         faithfulness: bool = True,
+        faithfulness_relevance: str = "theta",
         input_faithfulness_max_features: int = 256,
         lipschitz: dict[str, Any] | None = None,
         median_samples: int = 512,
@@ -413,6 +418,8 @@ class SENNModule(ClassificationModule):
             raise ValueError(f"penalty_method must be one of {PENALTY_METHODS}, got {penalty_method!r}")
         if penalty_space not in ("normalized", "raw"):
             raise ValueError(f"penalty_space must be 'normalized' or 'raw', got {penalty_space!r}")
+        if faithfulness_relevance not in ("theta", "contribution"):
+            raise ValueError(f"faithfulness_relevance must be 'theta' or 'contribution', got {faithfulness_relevance!r}")
         if robustness_lambda < 0:
             raise ValueError(f"robustness_lambda must be >= 0, got {robustness_lambda}")
         if compile and robustness_lambda > 0:
@@ -514,10 +521,12 @@ class SENNModule(ClassificationModule):
             m["reconstruction_mse"].update(out.reconstruction.flatten(), out.reconstruction_target.flatten())
             logged.append("reconstruction_mse")
         if self.hparams.faithfulness:
-            m["faithfulness"].update(concept_faithfulness_scores(h, theta))
+            rel = self.hparams.faithfulness_relevance
+            m["faithfulness"].update(concept_faithfulness_scores(h, theta, relevance=rel))
             logged.append("faithfulness")
             if self._concept_medians is not None:
-                m["faithfulness_median"].update(concept_faithfulness_scores(h, theta, self._concept_medians.to(h)))
+                medians = self._concept_medians.to(h)
+                m["faithfulness_median"].update(concept_faithfulness_scores(h, theta, medians, relevance=rel))
                 logged.append("faithfulness_median")
             x = batch_input(batch)
             if (

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
@@ -148,6 +149,8 @@ class SoftAutoencoder(nn.Module):
     Shape:
         ``(B, C_0, H, W)`` in ``[0, 1]`` to :class:`ReconstructionOutput` with ``reconstruction``
         ``(B, C_0, H, W)`` (pixel units, not clamped) and ``codes`` ``{"stage<i>": (B, C_i, H_i, W_i)}``.
+        With strides, ``H, W`` are first padded (replicate) to a multiple of the total stride and the
+        reconstruction is cropped back.
 
     Attributes:
         backbone: the encoder (:class:`SoftEncoder`); named ``backbone`` like every zoo trunk so that
@@ -202,6 +205,7 @@ class SoftAutoencoder(nn.Module):
         self.skip = bool(skip)
         self.activation = activation
         self.stage_names = [f"stage{i + 1}" for i in range(n)]
+        self.total_stride = math.prod(strides)
 
     @property
     def code_channels(self) -> dict[str, int]:
@@ -216,9 +220,30 @@ class SoftAutoencoder(nn.Module):
             if isinstance(st.act, SoftThreshold)
         }
 
+    def pixel_thresholds(self) -> torch.Tensor | None:
+        """Stage-1 thresholds in pixel-noise units, ``(C_1,)``, or ``None`` without soft stage 1.
+
+        The code noise of channel ``j`` for white pixel noise of std σ is ``σ · ‖w_j / s‖₂`` (``w_j`` the
+        filter, ``s`` the input std of the normalisation), so ``b_j / ‖w_j / s‖₂`` is the pixel σ at which
+        the threshold equals one code-noise std. Unlike ``b`` itself it does not depend on the scale
+        the encoder and decoder can trade between them; the shrinkage reading predicts it grows with
+        the training σ (e.g. ``≈ σ·√(2 log N)`` for the universal threshold).
+        """
+        stage = self.backbone.stages[0]
+        if not isinstance(stage.act, SoftThreshold):
+            return None
+        w = stage.conv.weight.detach() / self.normalize.std.view(1, -1, 1, 1).to(stage.conv.weight.dtype)
+        return stage.act.threshold.detach() / w.flatten(1).norm(dim=1).clamp(min=1e-12)
+
     def forward(self, x: torch.Tensor) -> ReconstructionOutput:
         check_image_input(x, self.in_chans)
         h = self.normalize(x)
+        height, width = h.shape[-2:]
+        # Pad to a multiple of the total stride so no row/column falls off a strided stage (a k=2, s=2
+        # stage would drop the last row of an odd image); replicate keeps the borders noise-like.
+        ph, pw = (-height) % self.total_stride, (-width) % self.total_stride
+        if ph or pw:
+            h = F.pad(h, (0, pw, 0, ph), mode="replicate")
         codes = self.backbone(h).codes
         inputs = (h, *codes[:-1])  # z_0 .. z_{N-1}: the targets of each decoder stage
         y = codes[-1]
@@ -228,7 +253,7 @@ class SoftAutoencoder(nn.Module):
             if self.skip:
                 y = y + inputs[i]
         mean, std = self.normalize.mean.view(1, -1, 1, 1), self.normalize.std.view(1, -1, 1, 1)
-        recon = y * std.to(y.dtype) + mean.to(y.dtype)
+        recon = (y * std.to(y.dtype) + mean.to(y.dtype))[..., :height, :width]
         return ReconstructionOutput(reconstruction=recon, codes=dict(zip(self.stage_names, codes)))
 
 
@@ -282,14 +307,12 @@ def replace_relu_with_soft_threshold(
                 f"cannot size a SoftThreshold for {n!r}: it {what}. Give each activation its own module "
                 f"(one per width) or pass where= the names to replace."
             )
-    ref = next(iter(net.parameters()), None)
-    return replace_modules(
-        net,
-        names,
-        lambda n, _old: SoftThreshold(next(iter(seen[n])), init=init, param=param).to(
-            device=ref.device if ref is not None else None
-        ),
-    )
+    device = example_input.device  # the network ran on it, so its parameters live there
+
+    def make(name: str, _old: nn.Module) -> nn.Module:
+        return SoftThreshold(next(iter(seen[name])), init=init, param=param).to(device)
+
+    return replace_modules(net, names, make)
 
 
 # -- the classical reference ------------------------------------------------------------------------
@@ -345,8 +368,9 @@ class SoftAutoencoderModule(ReconstructionModule):
     Extends :class:`models.lit_base.ReconstructionModule` (seeded evaluation noise, MSE, ``*/psnr``)
     with ``*/ssim``, ``*/psnr_noisy`` (the noisy input, for reference), and per code stage
     ``*/code_sparsity/<stage>``, ``*/hoyer_sparsity/<stage>``, ``*/hoyer_population/<stage>``,
-    ``*/dead_units/<stage>``, ``*/all_zero_codes/<stage>`` (``metrics.md`` A.5) and
-    ``*/threshold_mean/<stage>`` for soft stages. Labels of the datamodule are ignored.
+    ``*/dead_units/<stage>``, ``*/all_zero_codes/<stage>`` (``metrics.md`` A.5), and for soft stages
+    ``*/threshold_mean/<stage>`` (mean ``b``, code units) and ``*/threshold_pixel/stage1`` (stage-1
+    thresholds in pixel-noise units, :meth:`SoftAutoencoder.pixel_thresholds`). Labels are ignored.
 
     Args:
         arch, model_args, backbone, data_info, optimizer, scheduler, monitor, monitor_mode,
@@ -445,6 +469,9 @@ class SoftAutoencoderModule(ReconstructionModule):
         if not self.trainer.sanity_checking:
             for name, b in self.net.thresholds().items():
                 self.log(f"{stage}/threshold_mean/{name}", b.mean(), sync_dist=True)
+            pixel = self.net.pixel_thresholds() if hasattr(self.net, "pixel_thresholds") else None
+            if pixel is not None:
+                self.log(f"{stage}/threshold_pixel/stage1", pixel.mean(), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_code_metrics("val")

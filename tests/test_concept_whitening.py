@@ -7,7 +7,6 @@ finite differences (gradcheck), brute-force loops, or the single-process result 
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
@@ -100,9 +99,8 @@ def test_t_trap_diverges_and_guard_catches_it() -> None:
 # -- 3. gradient -----------------------------------------------------------------------------------
 def test_gradcheck_float64() -> None:
     torch.manual_seed(0)
-    cw = ConceptWhitening2d(4, dtype=torch.float64, activation_mode="mean").train()
-    cw.running_rot.copy_(_random_rotation(4).float())
-    cw.running_rot = cw.running_rot.double()
+    cw = ConceptWhitening2d(4, dtype=torch.float64, rot_dtype="float64", activation_mode="mean").train()
+    cw.running_rot.copy_(_random_rotation(4))
     x = (torch.randn(3, 4, 3, 3, dtype=torch.float64) + torch.arange(4.0, dtype=torch.float64)[:, None, None]).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: cw(t), (x,), eps=1e-6, atol=1e-5)
 

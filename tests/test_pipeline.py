@@ -99,3 +99,31 @@ def test_ddp_sim_two_processes(make_cfg, tmp_path) -> None:
     assert (tmp_path / "bundle" / "model.safetensors").is_file()
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     # data.batch_size is global: each of the 2 ranks gets 16, so the step count equals single-process training
+
+
+def test_all_loggers_offline(make_cfg, tmp_path) -> None:
+    cfg = make_cfg(["logger=many_loggers", "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "export=false", *TINY_DATA])
+    train(cfg)
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+    assert any((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert any((tmp_path / "wandb").glob("offline-run-*"))
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "val/acc" in header and "test/acc" in header
+
+
+def test_multirun_from_command_line(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "seed=0,1", "debug=fdr", *TINY_DATA,
+         f"paths.log_dir={tmp_path}", "hydra.sweep.dir=" + str(tmp_path / "sweep")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    assert len(results) == 2
+    for r in results:
+        assert "test/acc" in json.loads(r.read_text())

@@ -293,6 +293,7 @@ def test_phases_warm_joint_push_last(tmp_path) -> None:
         data_info=dm.data_info,
         optim={"joint": {"step_size": 2, "gamma": 0.5, "backbone": 1e-3}, "last": {"lr": 1e-2}},
         schedule={"warm_epochs": 1, "push_start": 3, "push_every": 3, "last_iters": 1},
+        prune={"enabled": True, "k": 6, "threshold": 3},
         metrics={"enabled": False},
     )
     snaps = _Snapshots()
@@ -301,7 +302,7 @@ def test_phases_warm_joint_push_last(tmp_path) -> None:
                          num_sanity_val_steps=0, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)
     assert [e["phase"] for e in module.plan] == ["warm", "joint", "joint", "joint", "last"]
-    assert module.plan[3]["push"]
+    assert module.plan[3]["push"] and module.plan[3]["prune"]
     s = snaps.states  # at the start of epochs 0..4, then the end
 
     def changed(a, b, prefix):
@@ -318,6 +319,11 @@ def test_phases_warm_joint_push_last(tmp_path) -> None:
     assert snaps.lrs[1:4] == pytest.approx([1e-3, 5e-4, 5e-4])
     assert snaps.lrs[4] == pytest.approx(5e-4)  # last-layer epochs do not step it
     net = module.net.eval()
+    # pruning (k=6, threshold 3) masked exactly the prototypes the rule names; their W columns stay 0
+    nn_ = nearest_patches(net, dm.push_dataloader(), k=6)
+    keep = prune_keep_mask(nn_["label"], net.prototype_classes, 3)
+    assert torch.equal(net.prototype_mask > 0, keep)
+    assert (net.last_layer.weight[:, ~keep] == 0).all()
     push_set = dm.push_set
     for j in range(net.num_prototypes):
         item = push_set[int(net.push_source_index[j])]
@@ -442,7 +448,7 @@ def test_fast_dev_run_pushes_and_logs_prototype_metrics(make_cfg, tmp_path) -> N
 
     metrics = train(make_cfg(["model=protopnet", "debug=fdr", *TINY_DATA]))
     for key in ("val/acc", "val/acc_pushed", "val/push_gap", "val/prototype_unique", "val/prototype_consistency",
-                "val/prototype_stability", "val/prototype_part_purity", "val/prototype_class_purity",
+                "test/prototype_stability", "val/prototype_part_purity", "val/prototype_class_purity",
                 "val/explanation_size", "val/global_size", "test/acc", "test/prototype_consistency"):
         assert key in metrics, key
     assert 0.0 < metrics["val/prototype_unique"] <= 1.0
@@ -469,7 +475,7 @@ def test_short_training_learns_exports_and_explains(make_cfg, tmp_path) -> None:
 
     metrics = train(make_cfg(["model=protopnet", "trainer.max_epochs=3", "model.schedule.push_start=1",
                               "model.schedule.push_every=1", "data.n_train=640", "data.n_val=128",
-                              "data.n_test=128", "data.batch_size=64", "callbacks.intrinsic_dim=null"]))
+                              "data.n_test=128", "data.batch_size=64"]))
     assert metrics["test/acc"] > 0.3  # 10 classes: chance 0.1
     assert metrics["val/acc_pushed"] == pytest.approx(metrics["val/acc"])  # last epoch is a last-layer epoch
     figs = {p.name for p in (tmp_path / "figures").glob("*.png")}
@@ -538,7 +544,7 @@ def test_lightning_ddp_sim_runs_every_phase_and_pushes_real_patches(make_cfg, tm
     from models import load_pretrained
 
     cfg = make_cfg(["model=protopnet", "trainer=ddp_sim", "trainer.max_epochs=3", "model.schedule.warm_epochs=1",
-                    "report=false", "callbacks.intrinsic_dim=null", *TINY_DATA])
+                    "report=false", *TINY_DATA])
     metrics = train(cfg)
     assert "val/push_gap" in metrics and metrics["val/acc_pushed"] == pytest.approx(metrics["val/acc"])
     net = load_pretrained(tmp_path / "bundle")
