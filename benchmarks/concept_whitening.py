@@ -37,8 +37,15 @@ from models.lit_base import ClassificationModule
 
 def _trainer(epochs: int) -> pl.Trainer:
     return pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
 
 
@@ -52,7 +59,9 @@ def _common(args: argparse.Namespace, dm: PartShapesDataModule) -> dict[str, Any
 
 
 @torch.no_grad()
-def _concept_features(net: torch.nn.Module, layer: str, dm: PartShapesDataModule, split: str, concepts: list[str], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _concept_features(
+    net: torch.nn.Module, layer: str, dm: PartShapesDataModule, split: str, concepts: list[str], n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     sets = dm.concept_datasets(split)
     maps, labels = [], []
     for j, c in enumerate(concepts):
@@ -89,17 +98,31 @@ def main() -> None:
     p.add_argument("--activation-mode", default="pool_max")
     p.add_argument("--grad-mode", default="exact")
     p.add_argument("--concept-samples", type=int, default=200)
-    p.add_argument("--hard", action="store_true", help="PartShapes-hard: random layout, 3 distractors, part dropout 0.35, noise 16")
+    p.add_argument(
+        "--hard",
+        action="store_true",
+        help="PartShapes-hard: random layout, 3 distractors, part dropout 0.35, noise 16",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
 
-    hard = {"num_distractors": 3, "part_dropout": 0.35, "random_rotation": True, "noise_std": 16.0} if args.hard else {}
+    hard = (
+        {"num_distractors": 3, "part_dropout": 0.35, "random_rotation": True, "noise_std": 16.0}
+        if args.hard
+        else {}
+    )
     dm = PartShapesDataModule(
-        n_train=args.n_train, n_val=64, n_test=args.n_test, batch_size=args.batch_size, cache=True,
-        n_concept_train=args.concept_samples, n_concept_test=args.concept_samples, **hard,
+        n_train=args.n_train,
+        n_val=64,
+        n_test=args.n_test,
+        batch_size=args.batch_size,
+        cache=True,
+        n_concept_train=args.concept_samples,
+        n_concept_test=args.concept_samples,
+        **hard,
     )
     dm.setup("fit")
     common = _common(args, dm)
@@ -150,13 +173,21 @@ def main() -> None:
     # CW axes, recomputed here from the same images (equals test/concept_auc/<c> of the module)
     cw.net.eval()
     with torch.no_grad():
-        x = torch.stack([dm.concept_datasets("test")[c][i]["image"] for c in args.concepts for i in range(args.concept_samples)])
+        x = torch.stack(
+            [
+                dm.concept_datasets("test")[c][i]["image"]
+                for c in args.concepts
+                for i in range(args.concept_samples)
+            ]
+        )
         scores = torch.cat([cw.net(chunk).concept_activations for chunk in x.split(128)])
     cw_auc, _ = concept_aucs(scores, te_y, k)
 
-    print(f"\nConcept whitening benchmark: PartShapes{'-hard' if args.hard else ''} {args.n_train} train / {args.n_test} test, resnet18s width "
-          f"{args.width}, warm-up {args.warm_epochs} ep + fine-tune {args.ft_epochs} ep, layer3.0.bn1, "
-          f"{args.activation_mode}/{args.grad_mode}, align every {args.align_every} batches\n")
+    print(
+        f"\nConcept whitening benchmark: PartShapes{'-hard' if args.hard else ''} {args.n_train} train / {args.n_test} test, resnet18s width "
+        f"{args.width}, warm-up {args.warm_epochs} ep + fine-tune {args.ft_epochs} ep, layer3.0.bn1, "
+        f"{args.activation_mode}/{args.grad_mode}, align every {args.align_every} batches\n"
+    )
     print("| model | test acc | fine-tune s | mean abs off-diag corr at layer |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| BN (matched) | {bn_acc:.3f} | {bn_s:.0f} | {_decorrelation(bn.net, layer, dm):.3f} |")
@@ -165,12 +196,16 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: |")
     for j, c in enumerate(args.concepts):
         print(f"| {c} | {float(cw_auc[j]):.3f} | {float(filt[j]):.3f} | {float(cav[j]):.3f} |")
-    print(f"| **mean** | **{float(cw_auc.mean()):.3f}** | **{float(filt.mean()):.3f}** | **{float(cav.mean()):.3f}** |")
-    print(f"\nCW module metrics: concept_auc_mean {res['test/concept_auc_mean']:.3f}, baselines on the warm-up BN "
-          f"model: best filter {res.get('test/concept_auc_mean_best_filter', float('nan')):.3f}, CAV "
-          f"{res.get('test/concept_auc_mean_cav', float('nan')):.3f}; rotation orthogonality error "
-          f"{res['test/rotation_orthogonality_error']:.1e}; concept similarity off-diag "
-          f"{res['test/concept_similarity_offdiag']:.3f}")
+    print(
+        f"| **mean** | **{float(cw_auc.mean()):.3f}** | **{float(filt.mean()):.3f}** | **{float(cav.mean()):.3f}** |"
+    )
+    print(
+        f"\nCW module metrics: concept_auc_mean {res['test/concept_auc_mean']:.3f}, baselines on the warm-up BN "
+        f"model: best filter {res.get('test/concept_auc_mean_best_filter', float('nan')):.3f}, CAV "
+        f"{res.get('test/concept_auc_mean_cav', float('nan')):.3f}; rotation orthogonality error "
+        f"{res['test/rotation_orthogonality_error']:.1e}; concept similarity off-diag "
+        f"{res['test/concept_similarity_offdiag']:.3f}"
+    )
     print(f"wall: warm-up {warm_s:.0f} s, total {time.time() - start:.0f} s")
 
 

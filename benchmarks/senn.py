@@ -86,16 +86,25 @@ def main() -> None:
     ap.add_argument("--digits-epochs", type=int, default=6)
     ap.add_argument("--tabular-epochs", type=int, default=30)
     ap.add_argument("--lip-points", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on shared CPUs)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on shared CPUs)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lip = [f"model.lipschitz.points={args.lip_points}", "model.lipschitz.methods=[sample,gradient]",
-           "model.lipschitz.stages=[test]"]
+    lip = [
+        f"model.lipschitz.points={args.lip_points}",
+        "model.lipschitz.methods=[sample,gradient]",
+        "model.lipschitz.stages=[test]",
+    ]
     recipes = {
-        "digits": (["data=digits", "data.image_size=32", f"trainer.max_epochs={args.digits_epochs}"],
-                   ["model=baseline", "backbone=resnet18s", "model.backbone.width=8", "model.scheduler=null"]),
-        "breast_cancer": (["data=breast_cancer", f"trainer.max_epochs={args.tabular_epochs}"],
-                          ["model=baseline", "model.arch=baseline_mlp", "model.scheduler=null"]),
+        "digits": (
+            ["data=digits", "data.image_size=32", f"trainer.max_epochs={args.digits_epochs}"],
+            ["model=baseline", "backbone=resnet18s", "model.backbone.width=8", "model.scheduler=null"],
+        ),
+        "breast_cancer": (
+            ["data=breast_cancer", f"trainer.max_epochs={args.tabular_epochs}"],
+            ["model=baseline", "model.arch=baseline_mlp", "model.scheduler=null"],
+        ),
     }
     rows: list[tuple[str, str, dict[str, float], float]] = []
     total = time.time()
@@ -105,12 +114,21 @@ def main() -> None:
             data, blackbox = recipes[ds]
             m, t = run(f"{ds}_blackbox", [*blackbox, *data], work)
             rows.append((ds, "black box", m, t))
-            print(f"{ds:14s} black box          acc {m.get('test/acc', float('nan')):.3f}  ({t:.0f} s)", flush=True)
+            print(
+                f"{ds:14s} black box          acc {m.get('test/acc', float('nan')):.3f}  ({t:.0f} s)",
+                flush=True,
+            )
             for lam in args.lambdas:
-                m, t = run(f"{ds}_senn_{lam:g}", ["model=senn", *data, f"model.robustness_lambda={lam}", *lip], work)
+                m, t = run(
+                    f"{ds}_senn_{lam:g}", ["model=senn", *data, f"model.robustness_lambda={lam}", *lip], work
+                )
                 rows.append((ds, f"SENN lambda={lam:g}", m, t))
-                print(f"{ds:14s} SENN lambda={lam:<7g} " + "  ".join(f"{s} {fmt(m.get(k))}" for k, s in METRICS)
-                      + f"  ({t:.0f} s)", flush=True)
+                print(
+                    f"{ds:14s} SENN lambda={lam:<7g} "
+                    + "  ".join(f"{s} {fmt(m.get(k))}" for k, s in METRICS)
+                    + f"  ({t:.0f} s)",
+                    flush=True,
+                )
 
     print(f"\ntotal {time.time() - total:.0f} s, torch threads {args.threads}\n")
     head = ["data", "model", *[s for _, s in METRICS], "L_sample / L_sample(lambda=0)", "s"]

@@ -42,8 +42,16 @@ def make_datamodule(args: argparse.Namespace) -> pl.LightningDataModule:
         from datamodules.partshapes_dm import PartShapesDataModule
 
         # grayscale, and the renderer's own pixel noise off: the targets must be clean
-        return PartShapesDataModule(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, grayscale=True,
-                                    noise_std=0.0, cache=True, batch_size=args.batch_size, seed=args.seed)
+        return PartShapesDataModule(
+            n_train=args.n_train,
+            n_val=args.n_val,
+            n_test=args.n_test,
+            grayscale=True,
+            noise_std=0.0,
+            cache=True,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
     from datamodules.digits import DigitsDataModule
 
     return DigitsDataModule(image_size=32, batch_size=args.batch_size, seed=args.seed)
@@ -54,7 +62,9 @@ def stack_split(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return batch_input(batch), batch["index"]
 
 
-def train_and_test(arch: str, sigma: float, dm: pl.LightningDataModule, args: argparse.Namespace) -> dict[str, Any]:
+def train_and_test(
+    arch: str, sigma: float, dm: pl.LightningDataModule, args: argparse.Namespace
+) -> dict[str, Any]:
     pl.seed_everything(args.seed, verbose=False)
     module = SoftAutoencoderModule(
         arch=arch,
@@ -65,8 +75,16 @@ def train_and_test(arch: str, sigma: float, dm: pl.LightningDataModule, args: ar
         noise_std=sigma,
     )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=args.steps, max_epochs=-1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
     )
     start = time.time()
     trainer.fit(module, datamodule=dm)
@@ -84,7 +102,9 @@ def train_and_test(arch: str, sigma: float, dm: pl.LightningDataModule, args: ar
     }
 
 
-def wavelet_rows(sigma: float, module: SoftAutoencoderModule, dm: pl.LightningDataModule) -> list[dict[str, Any]]:
+def wavelet_rows(
+    sigma: float, module: SoftAutoencoderModule, dm: pl.LightningDataModule
+) -> list[dict[str, Any]]:
     """Classical soft shrinkage on the same noisy test images (the module's seeded noise)."""
     rows = []
     val_x, val_i = stack_split(dm.val_set)
@@ -96,11 +116,18 @@ def wavelet_rows(sigma: float, module: SoftAutoencoderModule, dm: pl.LightningDa
         universal = universal_threshold(sigma, n_pix)
         # the best multiple of sigma on the validation split: an oracle-ish but honest classical line
         grid = [m * sigma for m in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)]
-        best = max(grid, key=lambda t: float(psnr(wavelet_shrinkage(val_noisy, t, wavelet).clamp(0, 1), val_x)))
+        best = max(
+            grid, key=lambda t: float(psnr(wavelet_shrinkage(val_noisy, t, wavelet).clamp(0, 1), val_x))
+        )
         for label, t in (("universal", universal), ("val-tuned", best)):
             den = wavelet_shrinkage(test_noisy, t, wavelet).clamp(0, 1)
-            rows.append({"name": f"{wavelet} soft shrinkage, {label} (t = {t / sigma:.2f} sigma)",
-                         "psnr": float(psnr(den, test_x)), "ssim": float(ssim(den, test_x))})
+            rows.append(
+                {
+                    "name": f"{wavelet} soft shrinkage, {label} (t = {t / sigma:.2f} sigma)",
+                    "psnr": float(psnr(den, test_x)),
+                    "ssim": float(ssim(den, test_x)),
+                }
+            )
     return rows
 
 
@@ -121,8 +148,12 @@ def main() -> None:
     p.add_argument("--n-val", type=int, default=100)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads (1: on a shared 2-core machine 2 threads ran ~30x slower)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads (1: on a shared 2-core machine 2 threads ran ~30x slower)",
+    )
     args = p.parse_args()
     args.widths = [int(w) for w in args.widths.split(",")]
     args.stride = [int(s) for s in args.stride.split(",")]
@@ -135,14 +166,24 @@ def main() -> None:
     sigmas = [int(s) for s in args.sigmas.split(",")]
     stages = [f"stage{i + 1}" for i in range(len(args.widths))]
     start = time.time()
-    print(f"data={args.data} train={len(dm.train_set)} test={len(dm.test_set)} steps={args.steps} "
-          f"batch={args.batch_size} widths={args.widths} stride={args.stride} threads={args.threads}")
+    print(
+        f"data={args.data} train={len(dm.train_set)} test={len(dm.test_set)} steps={args.steps} "
+        f"batch={args.batch_size} widths={args.widths} stride={args.stride} threads={args.threads}"
+    )
 
-    table = ["| sigma | denoiser | PSNR (dB) | SSIM | sparsity " + "/".join(s[-1] for s in stages)
-             + " | Hoyer " + "/".join(s[-1] for s in stages) + " | train s |",
-             "|---|---|---|---|---|---|---|"]
-    thr_table = ["| sigma | mean b " + " / ".join(stages) + " (code units) | stage-1 b in pixel units (x255) "
-                 "| stage-1 b / sigma |", "|---|---|---|---|"]
+    table = [
+        "| sigma | denoiser | PSNR (dB) | SSIM | sparsity "
+        + "/".join(s[-1] for s in stages)
+        + " | Hoyer "
+        + "/".join(s[-1] for s in stages)
+        + " | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    thr_table = [
+        "| sigma | mean b " + " / ".join(stages) + " (code units) | stage-1 b in pixel units (x255) "
+        "| stage-1 b / sigma |",
+        "|---|---|---|---|",
+    ]
     for s in sigmas:
         sigma = s / 255
         results = {arch: train_and_test(arch, sigma, dm, args) for arch in MODELS}
@@ -155,18 +196,25 @@ def main() -> None:
             sp = "/".join(fmt(m.get(f"test/code_sparsity/{st}")) for st in stages)
             ho = "/".join(fmt(m.get(f"test/hoyer_sparsity/{st}")) for st in stages)
             name = {"softae": "soft AE", "relu_ae": "ReLU AE"}[arch]
-            table.append(f"| {s} | {name} ({r['params']} params) | {fmt(m['test/psnr'])} | {fmt(m['test/ssim'], 3)} "
-                         f"| {sp} | {ho} | {r['seconds']:.0f} |")
+            table.append(
+                f"| {s} | {name} ({r['params']} params) | {fmt(m['test/psnr'])} | {fmt(m['test/ssim'], 3)} "
+                f"| {sp} | {ho} | {r['seconds']:.0f} |"
+            )
         for row in wavelet_rows(sigma, soft["module"], dm):
             table.append(f"| {s} | {row['name']} | {fmt(row['psnr'])} | {fmt(row['ssim'], 3)} | - | - | - |")
         gap = results["softae"]["metrics"]["test/psnr"] - results["relu_ae"]["metrics"]["test/psnr"]
-        table.append(f"| {s} | **soft - ReLU** | **{gap:+.2f}** | "
-                     f"{results['softae']['metrics']['test/ssim'] - results['relu_ae']['metrics']['test/ssim']:+.3f} "
-                     "| | | |")
+        table.append(
+            f"| {s} | **soft - ReLU** | **{gap:+.2f}** | "
+            f"{results['softae']['metrics']['test/ssim'] - results['relu_ae']['metrics']['test/ssim']:+.3f} "
+            "| | | |"
+        )
         pix = soft["pixel_threshold"]
-        thr_table.append(f"| {s} | " + " / ".join(fmt(soft["thresholds"][st], 3) for st in stages)
-                         + f" | {fmt(pix * 255 if pix is not None else None, 1)} "
-                         f"| {fmt(pix / sigma if pix is not None else None, 2)} |")
+        thr_table.append(
+            f"| {s} | "
+            + " / ".join(fmt(soft["thresholds"][st], 3) for st in stages)
+            + f" | {fmt(pix * 255 if pix is not None else None, 1)} "
+            f"| {fmt(pix / sigma if pix is not None else None, 2)} |"
+        )
         print(f"sigma {s}/255 done ({time.time() - start:.0f} s)", flush=True)
 
     print()

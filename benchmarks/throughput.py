@@ -75,7 +75,9 @@ def time_network(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", default="resnet18s")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -100,7 +102,11 @@ def main() -> None:
         params = inspect.signature(_ARCHITECTURES[arch]).parameters
         if "backbone" not in params:
             continue
-        kwargs = {"num_classes": args.num_classes, "backbone": {"name": args.backbone}, **DEFAULT_ARGS.get(arch, {})}
+        kwargs = {
+            "num_classes": args.num_classes,
+            "backbone": {"name": args.backbone},
+            **DEFAULT_ARGS.get(arch, {}),
+        }
         if "image_size" in params:
             kwargs["image_size"] = [args.image_size, args.image_size]
         try:

@@ -17,4 +17,10 @@ from datamodules.torchvision_sets import CIFAR10DataModule, MNISTDataModule
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BaseDataModule", "DataError", "IndexedSubset", "split_indices"]
 __all__ += ["PartShapesConceptDataset", "PartShapesDataModule", "PartShapesDataset", "PartShapesRenderer"]
-__all__ += ["CIFAR10DataModule", "CUB200DataModule", "DigitsDataModule", "ImageFolderDataModule", "MNISTDataModule"]
+__all__ += [
+    "CIFAR10DataModule",
+    "CUB200DataModule",
+    "DigitsDataModule",
+    "ImageFolderDataModule",
+    "MNISTDataModule",
+]

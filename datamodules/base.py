@@ -177,7 +177,9 @@ class BaseDataModule(pl.LightningDataModule):
             "folder datamodule with concepts.train_dir / concepts.test_dir set."
         )
 
-    def concept_dataloaders(self, split: str = "train", batch_size: int | None = None) -> dict[str, DataLoader]:
+    def concept_dataloaders(
+        self, split: str = "train", batch_size: int | None = None
+    ) -> dict[str, DataLoader]:
         self.setup()
         bs = batch_size or self.per_device_batch_size
         return {

@@ -34,7 +34,9 @@ class TabularDataset(Dataset):
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         if features.dim() != 2 or features.shape[0] != labels.shape[0]:
-            raise ValueError(f"expected features (N, F) and labels (N,), got {tuple(features.shape)}, {tuple(labels.shape)}")
+            raise ValueError(
+                f"expected features (N, F) and labels (N,), got {tuple(features.shape)}, {tuple(labels.shape)}"
+            )
         self.features = features.float()
         self.labels = labels.long()
 
@@ -42,7 +44,11 @@ class TabularDataset(Dataset):
         return self.features.shape[0]
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
-        return {"features": self.features[idx], "label": self.labels[idx], "index": torch.tensor(idx, dtype=torch.long)}
+        return {
+            "features": self.features[idx],
+            "label": self.labels[idx],
+            "index": torch.tensor(idx, dtype=torch.long),
+        }
 
 
 def stratified_three_way(
@@ -52,7 +58,9 @@ def stratified_three_way(
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < test_fraction < 1.0 or not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"need 0 < test_fraction < 1 and 0 <= val_fraction < 1, got {test_fraction}, {val_fraction}")
+        raise ValueError(
+            f"need 0 < test_fraction < 1 and 0 <= val_fraction < 1, got {test_fraction}, {val_fraction}"
+        )
 
     def split(idx: np.ndarray, frac: float) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -106,7 +114,9 @@ class TabularDataModule(BaseDataModule):
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(y, dtype=np.int64)
         if x.ndim != 2 or len(x) != len(y):
-            raise DataError(f"{type(self).__name__}: expected X (N, F) and y (N,), got {x.shape} and {y.shape}")
+            raise DataError(
+                f"{type(self).__name__}: expected X (N, F) and y (N,), got {x.shape} and {y.shape}"
+            )
         if not np.isfinite(x).all():
             raise DataError(f"{type(self).__name__}: features contain NaN or inf; clean or drop those rows")
         if len(self.feature_names) != x.shape[1]:
@@ -291,8 +301,14 @@ class CSVDataModule(TabularDataModule):
         header, rows = self._read()
         for name in [self.target, *(self.features or []), *self.drop, *self.feature_transforms]:
             if name not in header:
-                raise DataError(f"{self.path} has no column {name!r}{did_you_mean(name, header)}; columns: {header}")
-        used = self.features if self.features is not None else [h for h in header if h != self.target and h not in self.drop]
+                raise DataError(
+                    f"{self.path} has no column {name!r}{did_you_mean(name, header)}; columns: {header}"
+                )
+        used = (
+            self.features
+            if self.features is not None
+            else [h for h in header if h != self.target and h not in self.drop]
+        )
         if self.target in used:
             raise DataError(f"the target column {self.target!r} cannot also be a feature")
         if not used:
@@ -328,7 +344,9 @@ class CSVDataModule(TabularDataModule):
             y = np.array([lookup_s[v] for v in raw_y])
             class_names = classes_s
         if len(class_names) < 2:
-            raise DataError(f"target column {self.target!r} has a single value; a classifier needs >= 2 classes")
+            raise DataError(
+                f"target column {self.target!r} has a single value; a classifier needs >= 2 classes"
+            )
         if len(class_names) > 0.5 * len(rows):
             raise DataError(
                 f"target column {self.target!r} has {len(class_names)} distinct values for {len(rows)} rows: it looks "
@@ -344,7 +362,9 @@ class CSVDataModule(TabularDataModule):
                 col = np.array(nums, dtype=np.float64)
                 t = self.feature_transforms.get(c)
                 if t in ("sqrt", "log") and (col < (0 if t == "sqrt" else 1e-300)).any():
-                    raise DataError(f"feature_transforms[{c!r}]={t!r} needs {'non-negative' if t == 'sqrt' else 'positive'} values")
+                    raise DataError(
+                        f"feature_transforms[{c!r}]={t!r} needs {'non-negative' if t == 'sqrt' else 'positive'} values"
+                    )
                 if t == "sqrt":
                     col = np.sqrt(col)
                 elif t == "log1p":

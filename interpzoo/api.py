@@ -46,7 +46,9 @@ def compose_config(
     return cfg
 
 
-def run_training(overrides: list[str] | None = None, output_dir: str | Path = "outputs/api") -> tuple[dict[str, float], Path]:
+def run_training(
+    overrides: list[str] | None = None, output_dir: str | Path = "outputs/api"
+) -> tuple[dict[str, float], Path]:
     """``train.py`` from Python: returns ``(metrics, run_dir)``."""
     from interpzoo.run import finish_loggers, train
 
@@ -58,7 +60,9 @@ def run_training(overrides: list[str] | None = None, output_dir: str | Path = "o
     return metrics, Path(cfg.paths.output_dir)
 
 
-def run_evaluation(ckpt_path: str | Path, overrides: list[str] | None = None, output_dir: str | Path = "outputs/eval") -> dict[str, Any]:
+def run_evaluation(
+    ckpt_path: str | Path, overrides: list[str] | None = None, output_dir: str | Path = "outputs/eval"
+) -> dict[str, Any]:
     """``eval.py`` from Python: returns the test metrics."""
     from interpzoo.run import evaluate, finish_loggers
 

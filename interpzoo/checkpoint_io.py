@@ -39,7 +39,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     plain data only.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if "://" in str(path):  # remote file systems: keep Lightning's own transaction logic
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:

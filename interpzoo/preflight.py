@@ -9,6 +9,7 @@ problem at once (``shared/specs/ecosystem.md`` §4.7).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import types
@@ -46,7 +47,9 @@ def import_target(target: str) -> Any:
         raise ConfigError(f"_target_ {target!r}: cannot import module {mod_name!r} ({e})") from None
     if not hasattr(module, attr):
         names = [n for n in dir(module) if not n.startswith("_")]
-        raise ConfigError(f"_target_ {target!r}: module {mod_name!r} has no {attr!r}{did_you_mean(attr, names)}")
+        raise ConfigError(
+            f"_target_ {target!r}: module {mod_name!r} has no {attr!r}{did_you_mean(attr, names)}"
+        )
     return getattr(module, attr)
 
 
@@ -100,7 +103,11 @@ def _parameters(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, An
     A subclass ``__init__(self, *args, **kwargs)`` that forwards to its parent is followed up the MRO,
     so the parent's named arguments count and unknown keys are still caught.
     """
-    functions = [target] if not inspect.isclass(target) else [c.__init__ for c in target.__mro__ if "__init__" in vars(c)]
+    functions = (
+        [target]
+        if not inspect.isclass(target)
+        else [c.__init__ for c in target.__mro__ if "__init__" in vars(c)]
+    )
     params: dict[str, inspect.Parameter] = {}
     hints: dict[str, Any] = {}
     for fn in functions:
@@ -108,13 +115,17 @@ def _parameters(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, An
             sig = inspect.signature(fn)
         except (TypeError, ValueError):
             return params, hints, True
-        try:
+        with contextlib.suppress(Exception):  # unresolvable annotations: skip type checks
             hints = {**typing.get_type_hints(fn), **hints}
-        except Exception:  # noqa: BLE001 - unresolvable annotations: skip type checks
-            pass
         own = {n: p for n, p in sig.parameters.items() if n != "self"}
         forwards = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values())
-        params.update({n: p for n, p in own.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in params})
+        params.update(
+            {
+                n: p
+                for n, p in own.items()
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in params
+            }
+        )
         if not forwards:
             return params, hints, False
         # Only our own classes are known to forward **kwargs to their parent; others may pass them anywhere.
@@ -140,7 +151,9 @@ def _signature_problems(path: str, node: DictConfig, target: Any) -> list[str]:
             continue
         value = node._get_node(key)
         if OmegaConf.is_missing(node, key):
-            problems.append(f"{path}.{key} is required (???): set it on the command line, e.g. {path}.{key}=...")
+            problems.append(
+                f"{path}.{key} is required (???): set it on the command line, e.g. {path}.{key}=..."
+            )
             continue
         if isinstance(value, DictConfig | ListConfig):
             continue
@@ -161,7 +174,7 @@ def _signature_problems(path: str, node: DictConfig, target: Any) -> list[str]:
         for n, p in params.items()
         if p.default is inspect.Parameter.empty
         and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        and n not in node.keys()
+        and n not in node.keys()  # noqa: SIM118 - "in node" is False for ??? (MISSING) values
         and n not in _INJECTED.get(group, set())
     ]
     problems += [f"{path}: {_target_name(node)} needs argument {n!r}; set {path}.{n}=..." for n in required]
@@ -182,7 +195,9 @@ def _model_problems(model: DictConfig) -> list[str]:
         bparams = inspect.signature(build_backbone).parameters
         for key in backbone:
             if key not in bparams or key == "in_chans":
-                problems.append(f"model.backbone.{key}: backbones take no {key!r}{did_you_mean(key, bparams)}")
+                problems.append(
+                    f"model.backbone.{key}: backbones take no {key!r}{did_you_mean(key, bparams)}"
+                )
         name = backbone.get("name")
         if name is not None and name not in list_backbones():
             problems.append(

@@ -32,7 +32,11 @@ log_print = rank_zero_only(print)
 def _instantiate_group(node: DictConfig | None) -> list[Any]:
     if not node:
         return []
-    return [instantiate(v, _convert_="all") for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+    return [
+        instantiate(v, _convert_="all")
+        for v in node.values()
+        if isinstance(v, DictConfig) and "_target_" in v
+    ]
 
 
 def _final_metrics(trainer: pl.Trainer, prefixes: tuple[str, ...] = ("val/", "test/")) -> dict[str, float]:
@@ -61,7 +65,9 @@ def check_checkpoint_matches(ckpt_path: str, model: pl.LightningModule) -> None:
         )
 
 
-def _prepare(cfg: DictConfig, required: tuple[str, ...] = ("data", "model", "trainer")) -> tuple[Path, pl.LightningDataModule]:
+def _prepare(
+    cfg: DictConfig, required: tuple[str, ...] = ("data", "model", "trainer")
+) -> tuple[Path, pl.LightningDataModule]:
     validate_config(cfg, required)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,11 +86,17 @@ def _trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Tr
     # trainer.plugins (nodes with _target_, e.g. a LayerSync) join the runner's own checkpoint IO plugin
     extra = [instantiate(p, _convert_="all") for p in (cfg.trainer.get("plugins") or [])]
     return instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(), *extra], _convert_="all"
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO(), *extra],
+        _convert_="all",
     )
 
 
-def _write_report(module: pl.LightningModule, datamodule: Any, out_dir: Path, loggers: list[Any]) -> list[Path]:
+def _write_report(
+    module: pl.LightningModule, datamodule: Any, out_dir: Path, loggers: list[Any]
+) -> list[Path]:
     figures = module.write_report(out_dir / "figures", datamodule)
     for logger in loggers:
         for fig in figures:
@@ -114,7 +126,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
     for logger in loggers:
         logger.log_hyperparams(
-            {"cfg": to_plain(OmegaConf.to_container(cfg, resolve=True)), "params/total": n_params, "params/trainable": n_train}
+            {
+                "cfg": to_plain(OmegaConf.to_container(cfg, resolve=True)),
+                "params/total": n_params,
+                "params/trainable": n_train,
+            }
         )
 
     ckpt_path = cfg.get("ckpt_path")
@@ -130,7 +146,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # Explicit, rank-independent: the exported and tested weights are the selected checkpoint's.
         module.load_state_dict(read_checkpoint(best)["state_dict"])
     elif cfg.get("train", True) and not trainer.fast_dev_run:
-        warnings.warn("no best checkpoint was recorded; testing and exporting the final weights", stacklevel=1)
+        warnings.warn(
+            "no best checkpoint was recorded; testing and exporting the final weights", stacklevel=1
+        )
     if cfg.get("test", True):
         trainer.test(module, datamodule=datamodule)
         metrics.update(_final_metrics(trainer, ("test/",)))
@@ -154,7 +172,11 @@ def _best_checkpoint(trainer: pl.Trainer) -> str | None:
 
 
 def export_bundle(
-    module: pl.LightningModule, directory: Path, cfg: DictConfig | None, metrics: dict[str, float], ckpt: str | None
+    module: pl.LightningModule,
+    directory: Path,
+    cfg: DictConfig | None,
+    metrics: dict[str, float],
+    ckpt: str | None,
 ) -> Path:
     """Write ``module.net`` as a bundle with its data config, recipe, seed and metrics."""
     from models.bundle import save_pretrained
@@ -199,7 +221,9 @@ def module_from_source(source: str) -> pl.LightningModule:
         config = read_bundle_config(path)
         lit = config.get("lightning")
         if not lit:
-            raise CheckpointError(f"bundle {path} has no 'lightning' entry; it cannot be evaluated by eval.py")
+            raise CheckpointError(
+                f"bundle {path} has no 'lightning' entry; it cannot be evaluated by eval.py"
+            )
         cls = module_class(lit)
         module = cls(**lit["hparams"])
         net = load_pretrained(path, eval_mode=False)

@@ -129,7 +129,11 @@ def iternorm_whitening_matrix(sigma: Tensor, T: int = 10, guard: str | None = "f
     if guard is not None:
         with torch.no_grad():
             res = whitening_residual(p, sigma_n)
-            ok = bool(torch.isfinite(p).all()) and bool(torch.isfinite(res)) and float(res) <= _DIVERGENCE_RESIDUAL
+            ok = (
+                bool(torch.isfinite(p).all())
+                and bool(torch.isfinite(res))
+                and float(res) <= _DIVERGENCE_RESIDUAL
+            )
         if not ok:
             p = _guarded_iterate(sigma, T, guard, float(res))
     return p / trace.sqrt()
@@ -154,7 +158,9 @@ def _guarded_iterate(sigma: Tensor, T: int, guard: str, final_residual: float) -
     best = min(range(T), key=lambda k: residuals[k])
     if not math.isfinite(residuals[best]):
         raise WhiteningDivergedError(msg)
-    warnings.warn(f"{msg} Falling back to iteration {best + 1} (residual {residuals[best]:.3g}).", stacklevel=3)
+    warnings.warn(
+        f"{msg} Falling back to iteration {best + 1} (residual {residuals[best]:.3g}).", stacklevel=3
+    )
     return newton_schulz(sigma, best + 1)[0]  # again, with autograd
 
 
@@ -214,7 +220,9 @@ def _masks(z: Tensor, mode: str) -> tuple[Tensor, Tensor]:
     return mask.view(b, c, h, w), mask.new_full((b, c, 1, 1), float(flat.shape[2]))
 
 
-def concept_gradient_samples(x_hat: Tensor, z: Tensor, axis: int, mode: str, grad_mode: str = "exact") -> Tensor:
+def concept_gradient_samples(
+    x_hat: Tensor, z: Tensor, axis: int, mode: str, grad_mode: str = "exact"
+) -> Tensor:
     """Per-image ``d phi(z_axis) / d R[axis, :]``, ``(B, C)``; minus their batch mean is ``sum_G``'s row.
 
     ``z_axis = sum_c R[axis, c] x_hat_c``, so for ``mode="mean"`` the derivative is the spatial mean
@@ -440,7 +448,9 @@ class ConceptWhitening2d(nn.Module):
         return cw
 
     @torch.no_grad()
-    def load_batchnorm_statistics(self, running_mean: Tensor, running_var: Tensor, eps: float | None = None) -> None:
+    def load_batchnorm_statistics(
+        self, running_mean: Tensor, running_var: Tensor, eps: float | None = None
+    ) -> None:
         """Start from a BatchNorm's statistics: ``mu`` and ``W = diag(1 / sqrt(var + eps))``."""
         if self.running_mean is None:
             raise RuntimeError("track_running_stats=False: there are no running statistics to load")
@@ -599,7 +609,9 @@ class ConceptWhitening2d(nn.Module):
         return pool_axes(z, mode or self.activation_mode)
 
     # -- state dict -------------------------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         # Accept the reference IterNormRotation layout ([1, C, 1] / [1, C, C] buffers, unused weight/bias).
         c = self.num_features
         for name in ("running_mean", "running_wm", "running_rot", "sum_G"):
@@ -716,7 +728,9 @@ class SyncConceptWhitening2d(ConceptWhitening2d):
         packed = self._all_reduce(torch.cat([x2d.sum(1), x2d.new_tensor([float(m)])]))
         n = packed[c].detach()
         if n < 2:
-            raise ValueError("concept whitening in training mode needs more than 1 value per channel over all ranks")
+            raise ValueError(
+                "concept whitening in training mode needs more than 1 value per channel over all ranks"
+            )
         mean = packed[:c] / n
         xc = x2d - mean[:, None]
         cov = self._all_reduce(xc @ xc.T) / n
@@ -725,7 +739,9 @@ class SyncConceptWhitening2d(ConceptWhitening2d):
     def _global_gradient(self, per_sample: Tensor) -> Tensor:
         if self._world() == 1:
             return super()._global_gradient(per_sample)
-        packed = self._all_reduce(torch.cat([per_sample.sum(0), per_sample.new_tensor([float(per_sample.shape[0])])]))
+        packed = self._all_reduce(
+            torch.cat([per_sample.sum(0), per_sample.new_tensor([float(per_sample.shape[0])])])
+        )
         return packed[:-1] / packed[-1]
 
     def _after_rotation_update(self) -> None:
@@ -742,15 +758,21 @@ class SyncConceptWhitening2d(ConceptWhitening2d):
         Parameters and buffers are shared with the old layers (like ``convert_sync_batchnorm``), so an
         existing optimiser keeps working. Returns ``module`` (or the new layer if ``module`` is one).
         """
-        return _convert(module, lambda m: type(m) is ConceptWhitening2d, lambda m: _swap(m, cls, process_group))
+        return _convert(
+            module, lambda m: type(m) is ConceptWhitening2d, lambda m: _swap(m, cls, process_group)
+        )
 
     @staticmethod
     def revert(module: nn.Module) -> nn.Module:
         """Undo :meth:`convert_sync`: synced layers become plain :class:`ConceptWhitening2d` again."""
-        return _convert(module, lambda m: isinstance(m, SyncConceptWhitening2d), lambda m: _swap(m, ConceptWhitening2d))
+        return _convert(
+            module, lambda m: isinstance(m, SyncConceptWhitening2d), lambda m: _swap(m, ConceptWhitening2d)
+        )
 
 
-def _swap(old: ConceptWhitening2d, cls: type[ConceptWhitening2d], process_group: Any = None) -> ConceptWhitening2d:
+def _swap(
+    old: ConceptWhitening2d, cls: type[ConceptWhitening2d], process_group: Any = None
+) -> ConceptWhitening2d:
     cfg = old.config()
     kwargs = {"process_group": process_group} if issubclass(cls, SyncConceptWhitening2d) else {}
     new = cls(**cfg, device=old.running_rot.device, **kwargs)

@@ -221,7 +221,9 @@ def template_priors(h: int, w: int | None = None, alpha: float | None = None) ->
     alpha = n2 / (1.0 + n2) if alpha is None else float(alpha)
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha (total prior of the positive templates) must be in (0, 1), got {alpha}")
-    return torch.cat([torch.full((n2,), alpha / n2, dtype=torch.float64), torch.tensor([1.0 - alpha], dtype=torch.float64)])
+    return torch.cat(
+        [torch.full((n2,), alpha / n2, dtype=torch.float64), torch.tensor([1.0 - alpha], dtype=torch.float64)]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,8 +363,10 @@ class PartFilterMask(nn.Module):
         if style not in MASK_STYLES:
             raise ValueError(f"mask style must be one of {MASK_STYLES}, got {style!r}")
         if learn_sharpness and style != "official":
-            raise ValueError("learn_sharpness needs style='official' (the reference code's learned a_f); "
-                             "set style: official or learn_sharpness: false")
+            raise ValueError(
+                "learn_sharpness needs style='official' (the reference code's learned a_f); "
+                "set style: official or learn_sharpness: false"
+            )
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")
         self.channels = int(channels)
@@ -380,7 +384,9 @@ class PartFilterMask(nn.Module):
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """The detached mask ``(B, C, H, W)`` of ``x``."""
         if x.dim() == 4 and x.shape[1] != self.channels:
-            raise ValueError(f"PartFilterMask was built for {self.channels} channels, got input {tuple(x.shape)}")
+            raise ValueError(
+                f"PartFilterMask was built for {self.channels} channels, got input {tuple(x.shape)}"
+            )
         return part_mask(x, self.sharpness, self.locate, self.style)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -410,7 +416,7 @@ class PartFilterMask(nn.Module):
         stats = torch.stack([(strength * spread).sum(0), strength.sum(0)])
         all_reduce_(stats)
         ok = stats[1] > 0
-        target = (self.spread_scale / (stats[0] / stats[1].clamp(min=1e-12)).clamp(min=1e-6))
+        target = self.spread_scale / (stats[0] / stats[1].clamp(min=1e-12)).clamp(min=1e-6)
         target = target.clamp(*self.sharpness_range).to(self.sharpness.dtype)
         step = self.sharpness_momentum * (target - self.sharpness)
         self.sharpness.add_(torch.where(ok, step, torch.zeros_like(step)))
@@ -459,7 +465,9 @@ def _expand_positive(positive: torch.Tensor, b: int, c: int) -> torch.Tensor:
     if positive.dim() == 1:
         positive = positive[:, None].expand(-1, c)
     if positive.shape != (b, c):
-        raise ValueError(f"positive must be (B,) or (B, C) = ({b}, {c}) booleans, got shape {tuple(positive.shape)}")
+        raise ValueError(
+            f"positive must be (B,) or (B, C) = ({b}, {c}) booleans, got shape {tuple(positive.shape)}"
+        )
     return positive.bool()
 
 
@@ -511,7 +519,9 @@ def filter_mi_terms(scores: torch.Tensor, log_prior: torch.Tensor) -> dict[str, 
     b, c, t = scores.shape
     lp = log_prior.to(device=scores.device, dtype=scores.dtype)
     if lp.shape not in ((t,), (c, t)):
-        raise ValueError(f"log_prior must be ({t},) or ({c}, {t}) (one entry per template), got {tuple(lp.shape)}")
+        raise ValueError(
+            f"log_prior must be ({t},) or ({c}, {t}) (one entry per template), got {tuple(lp.shape)}"
+        )
     lp = lp.expand(c, t)
     log_px_t = torch.log_softmax(scores, dim=0)  # log p(x|T): normalised over the images
     log_joint = log_px_t + lp  # log p(T, x)
@@ -524,8 +534,13 @@ def filter_mi_terms(scores: torch.Tensor, log_prior: torch.Tensor) -> dict[str, 
     inter = (px * -(log_neg.exp() * log_neg + log_pos.exp() * log_pos)).sum(0)
     spatial = (px * log_pos.exp() * _location_entropy(log_post, log_pos)).sum(0)
     prior_entropy = -(lp.exp() * lp).sum(-1)
-    return {"mi": mi, "inter": inter, "spatial": spatial, "loss": -prior_entropy + inter + spatial,
-            "prior_entropy": prior_entropy}
+    return {
+        "mi": mi,
+        "inter": inter,
+        "spatial": spatial,
+        "loss": -prior_entropy + inter + spatial,
+        "prior_entropy": prior_entropy,
+    }
 
 
 def _split_posterior(log_post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -539,7 +554,9 @@ def _location_entropy(log_post: torch.Tensor, log_pos: torch.Tensor) -> torch.Te
     return -(log_q.exp() * log_q).sum(-1)
 
 
-def supervised_filter_terms(scores: torch.Tensor, positive: torch.Tensor, alpha: float | None = None) -> dict[str, torch.Tensor]:
+def supervised_filter_terms(
+    scores: torch.Tensor, positive: torch.Tensor, alpha: float | None = None
+) -> dict[str, torch.Tensor]:
     """Label-aware counterpart of the MI terms (deviation; see :func:`filter_loss`), per filter.
 
     The posterior ``p(T|x)`` is the paper's (templates, batch-normalised likelihoods), with the prior
@@ -557,8 +574,11 @@ def supervised_filter_terms(scores: torch.Tensor, positive: torch.Tensor, alpha:
     """
     b, c, t = scores.shape
     pos = positive.to(scores.device)
-    a = pos.to(scores.dtype).mean(0) if alpha is None else torch.full((c,), float(alpha), dtype=scores.dtype,
-                                                                       device=scores.device)
+    a = (
+        pos.to(scores.dtype).mean(0)
+        if alpha is None
+        else torch.full((c,), float(alpha), dtype=scores.dtype, device=scores.device)
+    )
     a = a.clamp(0.5 / b, 1.0 - 0.5 / b)
     lp = torch.cat([(a / (t - 1)).log()[:, None].expand(c, t - 1), (1.0 - a).log()[:, None]], 1)
     log_joint = torch.log_softmax(scores, dim=0) + lp
@@ -660,22 +680,36 @@ class PartFilterLoss(nn.Module):
 
     def forward(self, x: torch.Tensor, positive: torch.Tensor | None = None) -> FilterLossOutput:
         return filter_loss(
-            x, positive, self.beta, self.tau, self.alpha, self.template_scale, self.normalize, self.sync, self.reduction
+            x,
+            positive,
+            self.beta,
+            self.tau,
+            self.alpha,
+            self.template_scale,
+            self.normalize,
+            self.sync,
+            self.reduction,
         )
 
     def extra_repr(self) -> str:
-        return (f"beta={self.beta}, tau={self.tau}, template_scale={self.template_scale}, normalize={self.normalize}, "
-                f"sync={self.sync}, reduction={self.reduction}")
+        return (
+            f"beta={self.beta}, tau={self.tau}, template_scale={self.template_scale}, normalize={self.normalize}, "
+            f"sync={self.sync}, reduction={self.reduction}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
 # the official code's gradient injection (spec Sec. 2.2), optional
 # ---------------------------------------------------------------------------------------------------
-def _official_strength(s: torch.Tensor, member: torch.Tensor, alpha: float, log_z: torch.Tensor) -> torch.Tensor:
+def _official_strength(
+    s: torch.Tensor, member: torch.Tensor, alpha: float, log_z: torch.Tensor
+) -> torch.Tensor:
     """``e^{s/a} (s - a log Z + a)`` divided by its mean over ``member`` images, per filter (B, C)."""
     # e^{s/a} overflows for large s; the per-filter normalisation below divides any common factor
     # out, so subtract the per-filter max of s/a first.
-    e = torch.exp(s / alpha - (s / alpha).masked_fill(~member, float("-inf")).amax(0, keepdim=True).clamp(min=-1e30))
+    e = torch.exp(
+        s / alpha - (s / alpha).masked_fill(~member, float("-inf")).amax(0, keepdim=True).clamp(min=-1e30)
+    )
     strength = (e * (s - alpha * log_z + alpha)).masked_fill(~member, 0.0)
     count = member.sum(0, keepdim=True).clamp(min=1)
     mean = strength.sum(0, keepdim=True) / count
@@ -788,7 +822,9 @@ class InterpretableConv2d(nn.Module):
         self.in_channels, self.out_channels = int(in_channels), out_channels
         mask_kw = {"beta": beta, "locate": locate, "style": mask_style, "learn_sharpness": learn_sharpness}
         self.input_mask = PartFilterMask(in_channels, **mask_kw) if mask_input else None
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not batch_norm)
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not batch_norm
+        )
         self.bn = nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity()
         self.part_mask = PartFilterMask(out_channels, **mask_kw)
         self.use_mask = bool(use_mask)
@@ -801,7 +837,9 @@ class InterpretableConv2d(nn.Module):
         self.last_masks: dict[str, torch.Tensor] = {}
         self.last_output: torch.Tensor | None = None
 
-    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def forward_parts(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """``(masked output, {name: maps before masking}, {name: mask})``; names ``"input"``, ``"output"``."""
         feats: dict[str, torch.Tensor] = {}
         masks: dict[str, torch.Tensor] = {}
@@ -832,13 +870,19 @@ class InterpretableConv2d(nn.Module):
     def filter_loss(self, positive: torch.Tensor | None = None) -> FilterLossOutput:
         """The filter loss of the last forward pass (summed over ``input``/``output`` maps when both exist)."""
         if not self.last_features:
-            raise RuntimeError("InterpretableConv2d.filter_loss() needs a forward pass first: call the network on a batch")
+            raise RuntimeError(
+                "InterpretableConv2d.filter_loss() needs a forward pass first: call the network on a batch"
+            )
         outs = [self.loss_fn(f, positive) for f in self.last_features.values()]
         if len(outs) == 1:
             return outs[0]
-        return FilterLossOutput(*(sum(getattr(o, k) for o in outs) for k in (
-            "loss", "mi", "inter_category_entropy", "spatial_entropy", "prior_entropy")),
-            per_filter=torch.cat([o.per_filter for o in outs]))
+        return FilterLossOutput(
+            *(
+                sum(getattr(o, k) for o in outs)
+                for k in ("loss", "mi", "inter_category_entropy", "spatial_entropy", "prior_entropy")
+            ),
+            per_filter=torch.cat([o.per_filter for o in outs]),
+        )
 
     def extra_repr(self) -> str:
         return f"use_mask={self.use_mask}"
@@ -870,7 +914,13 @@ class FilterAssignment(nn.Module):
     """
 
     def __init__(
-        self, channels: int, num_classes: int, mode: str = "dynamic", target: int = 1, momentum: float = 0.9, floor: float = 0.1
+        self,
+        channels: int,
+        num_classes: int,
+        mode: str = "dynamic",
+        target: int = 1,
+        momentum: float = 0.9,
+        floor: float = 0.1,
     ) -> None:
         super().__init__()
         if mode not in ASSIGNMENT_MODES:
@@ -880,7 +930,9 @@ class FilterAssignment(nn.Module):
         self.mode = mode
         self.num_classes = int(num_classes)
         self.momentum, self.floor = float(momentum), float(floor)
-        init = torch.full((channels,), int(target)) if mode == "single" else torch.arange(channels) % num_classes
+        init = (
+            torch.full((channels,), int(target)) if mode == "single" else torch.arange(channels) % num_classes
+        )
         self.register_buffer("filter_class", init.long())
         self.register_buffer("response", torch.zeros(channels, num_classes))
 

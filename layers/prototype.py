@@ -52,7 +52,9 @@ def prototype_class_identity(
     else:
         cls = torch.as_tensor(list(classes), dtype=torch.long)
         if cls.numel() == 0 or int(cls.min()) < 0 or int(cls.max()) >= num_classes:
-            raise ValueError(f"prototype classes must be non-empty and in [0, {num_classes}), got {list(classes)[:10]}...")
+            raise ValueError(
+                f"prototype classes must be non-empty and in [0, {num_classes}), got {list(classes)[:10]}..."
+            )
     return F.one_hot(cls, num_classes).float()
 
 
@@ -72,14 +74,20 @@ def squared_l2_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Ten
         ``(B, P, H - h + 1, W - w + 1)`` float32 distances ``>= 0``.
     """
     if z.dim() != 4 or prototypes.dim() != 4:
-        raise ValueError(f"expected z (B, D, H, W) and prototypes (P, D, h, w), got {tuple(z.shape)} and "
-                         f"{tuple(prototypes.shape)}")
+        raise ValueError(
+            f"expected z (B, D, H, W) and prototypes (P, D, h, w), got {tuple(z.shape)} and "
+            f"{tuple(prototypes.shape)}"
+        )
     if z.shape[1] != prototypes.shape[1]:
-        raise ValueError(f"latent depth {z.shape[1]} differs from prototype depth {prototypes.shape[1]}; "
-                         "the add-on layers must output prototype_dim channels")
+        raise ValueError(
+            f"latent depth {z.shape[1]} differs from prototype depth {prototypes.shape[1]}; "
+            "the add-on layers must output prototype_dim channels"
+        )
     if z.shape[2] < prototypes.shape[2] or z.shape[3] < prototypes.shape[3]:
-        raise ValueError(f"latent map {tuple(z.shape[2:])} is smaller than the prototype {tuple(prototypes.shape[2:])}; "
-                         "use larger inputs or an earlier backbone stage")
+        raise ValueError(
+            f"latent map {tuple(z.shape[2:])} is smaller than the prototype {tuple(prototypes.shape[2:])}; "
+            "use larger inputs or an earlier backbone stage"
+        )
     with torch.autocast(device_type=z.device.type, enabled=False):
         z32, p32 = z.float(), prototypes.float()
         ones = torch.ones((1, *p32.shape[1:]), dtype=torch.float32, device=z.device)
@@ -190,8 +198,10 @@ class PrototypeLayer(nn.Module):
         }
 
     def extra_repr(self) -> str:
-        return (f"num_prototypes={self.num_prototypes}, dim={self.dim}, hw={self.hw}, classes={self.num_classes}, "
-                f"activation={self.activation!r}")
+        return (
+            f"num_prototypes={self.num_prototypes}, dim={self.dim}, hw={self.hw}, classes={self.num_classes}, "
+            f"activation={self.activation!r}"
+        )
 
 
 def _own_class_mask(labels: torch.Tensor, class_identity: torch.Tensor) -> torch.Tensor:
@@ -215,7 +225,10 @@ def _masked_min_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def cluster_cost(
-    min_distances: torch.Tensor, labels: torch.Tensor, class_identity: torch.Tensor, active: torch.Tensor | None = None
+    min_distances: torch.Tensor,
+    labels: torch.Tensor,
+    class_identity: torch.Tensor,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Clst: mean over samples of the smallest distance to a prototype of the sample's own class.
 
@@ -232,7 +245,10 @@ def cluster_cost(
 
 
 def separation_cost(
-    min_distances: torch.Tensor, labels: torch.Tensor, class_identity: torch.Tensor, active: torch.Tensor | None = None
+    min_distances: torch.Tensor,
+    labels: torch.Tensor,
+    class_identity: torch.Tensor,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sep (positive form): mean over samples of the smallest distance to a prototype of another class.
 
@@ -246,7 +262,10 @@ def separation_cost(
 
 
 def avg_separation_cost(
-    min_distances: torch.Tensor, labels: torch.Tensor, class_identity: torch.Tensor, active: torch.Tensor | None = None
+    min_distances: torch.Tensor,
+    labels: torch.Tensor,
+    class_identity: torch.Tensor,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over samples of the *average* distance to other-class prototypes (logged only, not in the loss)."""
     mask = (~_own_class_mask(labels, class_identity)).float()
@@ -263,5 +282,7 @@ def l1_off_class(weight: torch.Tensor, class_identity: torch.Tensor) -> torch.Te
         class_identity: ``(P, K)`` one-hot prototype classes.
     """
     if weight.shape != class_identity.t().shape:
-        raise ValueError(f"weight {tuple(weight.shape)} does not match class identity {tuple(class_identity.shape)}^T")
+        raise ValueError(
+            f"weight {tuple(weight.shape)} does not match class identity {tuple(class_identity.shape)}^T"
+        )
     return (weight * (1.0 - class_identity.t())).abs().sum()

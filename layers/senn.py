@@ -156,8 +156,12 @@ class ConvAutoencoderConceptizer(Conceptizer):
         self.in_chans = in_chans
         self.n_concepts = int(n_concepts)
         self.encoder = nn.Sequential(
-            nn.Conv2d(in_chans, 10, 5), nn.MaxPool2d(2), nn.ReLU(),
-            nn.Conv2d(10, self.n_concepts, 5), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(in_chans, 10, 5),
+            nn.MaxPool2d(2),
+            nn.ReLU(),
+            nn.Conv2d(10, self.n_concepts, 5),
+            nn.MaxPool2d(2),
+            nn.ReLU(),
         )
         with torch.no_grad():
             self.code_hw = tuple(self.encoder(torch.zeros(1, in_chans, *self.image_size)).shape[-2:])
@@ -167,8 +171,10 @@ class ConvAutoencoderConceptizer(Conceptizer):
         if self.has_decoder:
             self.from_concept = nn.Linear(1, area)
             self.decoder = nn.Sequential(
-                nn.ConvTranspose2d(self.n_concepts, 16, 5, stride=2), nn.ReLU(),
-                nn.ConvTranspose2d(16, 8, 5), nn.ReLU(),
+                nn.ConvTranspose2d(self.n_concepts, 16, 5, stride=2),
+                nn.ReLU(),
+                nn.ConvTranspose2d(16, 8, 5),
+                nn.ReLU(),
                 nn.ConvTranspose2d(8, in_chans, 2, stride=2, padding=1),
             )
 
@@ -179,7 +185,9 @@ class ConvAutoencoderConceptizer(Conceptizer):
     def decode(self, concepts: torch.Tensor) -> torch.Tensor | None:
         if not self.has_decoder:
             return None
-        maps = self.from_concept(concepts.unsqueeze(-1)).view(concepts.shape[0], self.n_concepts, *self.code_hw)
+        maps = self.from_concept(concepts.unsqueeze(-1)).view(
+            concepts.shape[0], self.n_concepts, *self.code_hw
+        )
         out = self.decoder(maps)
         if tuple(out.shape[-2:]) != self.image_size:
             out = F.interpolate(out, size=self.image_size, mode="bilinear", align_corners=False)
@@ -209,7 +217,11 @@ class MLPAutoencoderConceptizer(Conceptizer):
     """
 
     def __init__(
-        self, input_shape: Sequence[int], n_concepts: int = 5, hidden: Sequence[int] = (64, 32), decoder: bool = True
+        self,
+        input_shape: Sequence[int],
+        n_concepts: int = 5,
+        hidden: Sequence[int] = (64, 32),
+        decoder: bool = True,
     ) -> None:
         super().__init__()
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -270,7 +282,13 @@ class Parametrizer(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, feat_dim: int, n_concepts: int, num_classes: int, dropout: float, out_act: str
+        self,
+        backbone: nn.Module,
+        feat_dim: int,
+        n_concepts: int,
+        num_classes: int,
+        dropout: float,
+        out_act: str,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -316,8 +334,14 @@ class MLPParametrizer(Parametrizer):
         out_act: str = "tanh",
     ) -> None:
         hidden = list(hidden)
-        body = nn.Sequential(nn.Flatten(1), _mlp([num_inputs, *hidden], act, last_act=True)) if hidden else nn.Flatten(1)
-        super().__init__(body, hidden[-1] if hidden else num_inputs, n_concepts, num_classes, dropout, out_act)
+        body = (
+            nn.Sequential(nn.Flatten(1), _mlp([num_inputs, *hidden], act, last_act=True))
+            if hidden
+            else nn.Flatten(1)
+        )
+        super().__init__(
+            body, hidden[-1] if hidden else num_inputs, n_concepts, num_classes, dropout, out_act
+        )
 
 
 class ConvParametrizer(Parametrizer):
@@ -350,8 +374,13 @@ class ConvParametrizer(Parametrizer):
                 "upsample the data (e.g. data.image_size=32) or use parametrizer type 'mlp'"
             )
         body = nn.Sequential(
-            nn.Conv2d(in_chans, 10, 5), nn.MaxPool2d(2), nn.ReLU(),
-            nn.Conv2d(10, 20, 5), nn.Dropout2d(dropout), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(in_chans, 10, 5),
+            nn.MaxPool2d(2),
+            nn.ReLU(),
+            nn.Conv2d(10, 20, 5),
+            nn.Dropout2d(dropout),
+            nn.MaxPool2d(2),
+            nn.ReLU(),
             nn.Flatten(1),
         )
         with torch.no_grad():
@@ -440,8 +469,12 @@ def _vjp_or_zeros(
     if not output.requires_grad:
         return torch.zeros_like(x)
     (g,) = torch.autograd.grad(
-        output, x, grad_outputs=torch.ones_like(output) if vector is None else vector,
-        create_graph=create_graph, retain_graph=True, allow_unused=True,
+        output,
+        x,
+        grad_outputs=torch.ones_like(output) if vector is None else vector,
+        create_graph=create_graph,
+        retain_graph=True,
+        allow_unused=True,
     )
     return torch.zeros_like(x) if g is None else g
 
@@ -505,12 +538,16 @@ def robustness_residual(
         rows = [_vjp_or_zeros(relevances[:, :, c], x, concepts, create_graph) for c in range(n_classes)]
         residual = torch.stack(rows, dim=1)
         if target == "log_probs":
-            p = torch.softmax(logits, dim=1)  # as the VJP vector: constant in x, differentiable in the parameters
+            p = torch.softmax(
+                logits, dim=1
+            )  # as the VJP vector: constant in x, differentiable in the parameters
             residual = residual - _vjp_or_zeros(logits, x, p, create_graph).unsqueeze(1)
         return residual
     f = logits if target == "logits" else torch.log_softmax(logits, dim=1)
     jac_f = torch.stack([_vjp_or_zeros(f[:, c], x, None, create_graph) for c in range(n_classes)], dim=1)
-    jac_h = torch.stack([_vjp_or_zeros(concepts[:, i], x, None, create_graph) for i in range(concepts.shape[1])], dim=1)
+    jac_h = torch.stack(
+        [_vjp_or_zeros(concepts[:, i], x, None, create_graph) for i in range(concepts.shape[1])], dim=1
+    )
     return jac_f - torch.einsum("bkc,bk...->bc...", relevances, jac_h)
 
 
@@ -562,7 +599,9 @@ def robustness_loss(
 def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Autoencoder loss of a learned conceptizer: MSE averaged over every entry (batch-size free)."""
     if reconstruction.shape != target.shape:
-        raise ValueError(f"reconstruction {tuple(reconstruction.shape)} and target {tuple(target.shape)} differ")
+        raise ValueError(
+            f"reconstruction {tuple(reconstruction.shape)} and target {tuple(target.shape)} differ"
+        )
     return F.mse_loss(reconstruction, target)
 
 

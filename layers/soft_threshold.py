@@ -73,7 +73,9 @@ class SoftThreshold(nn.Module):
         theta: ``(C,)`` unconstrained parameter; :attr:`threshold` is ``b``.
     """
 
-    def __init__(self, num_channels: int, init: float = 1e-2, param: str = "abs", channel_dim: int = 1) -> None:
+    def __init__(
+        self, num_channels: int, init: float = 1e-2, param: str = "abs", channel_dim: int = 1
+    ) -> None:
         super().__init__()
         if int(num_channels) < 1:
             raise ValueError(f"num_channels must be >= 1, got {num_channels}")

@@ -73,7 +73,9 @@ def concept_aucs(
     Returns:
         ``(auc (K,), fold_std (K,))``: AUC on all images, std of the per-fold AUCs.
     """
-    auc = torch.tensor([binary_auc(scores[:, j], labels == j) for j in range(num_concepts)], dtype=torch.float64)
+    auc = torch.tensor(
+        [binary_auc(scores[:, j], labels == j) for j in range(num_concepts)], dtype=torch.float64
+    )
     std = torch.full((num_concepts,), float("nan"), dtype=torch.float64)
     if folds > 1 and len(labels) >= 2 * folds:
         perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
@@ -135,7 +137,9 @@ class ConceptSimilarity(Metric):
     def __init__(self, num_concepts: int, dim: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_concepts = num_concepts
-        self.add_state("sums", default=torch.zeros(num_concepts, dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "sums", default=torch.zeros(num_concepts, dim, dtype=torch.float64), dist_reduce_fx="sum"
+        )
         self.add_state("counts", default=torch.zeros(num_concepts, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, latents: torch.Tensor, labels: torch.Tensor) -> None:
@@ -207,7 +211,9 @@ def rotation_orthogonality_error(rotation: torch.Tensor) -> float:
     return float((r @ r.T - torch.eye(r.shape[0], dtype=r.dtype, device=r.device)).abs().amax())
 
 
-def best_filter_auc(scores: torch.Tensor, labels: torch.Tensor, num_concepts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def best_filter_auc(
+    scores: torch.Tensor, labels: torch.Tensor, num_concepts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Baseline "best filter": for each concept, the single channel with the highest one-vs-all AUC.
 
     Args:
@@ -217,7 +223,9 @@ def best_filter_auc(scores: torch.Tensor, labels: torch.Tensor, num_concepts: in
         ``(auc (K,), channel (K,))``. Selected on the evaluation images themselves, as the reference
         code does, so the baseline is optimistic.
     """
-    aucs = torch.tensor([[binary_auc(scores[:, c], labels == j) for c in range(scores.shape[1])] for j in range(num_concepts)])
+    aucs = torch.tensor(
+        [[binary_auc(scores[:, c], labels == j) for c in range(scores.shape[1])] for j in range(num_concepts)]
+    )
     best = aucs.nan_to_num(-1.0).argmax(1)
     return aucs.gather(1, best[:, None]).squeeze(1), best
 
@@ -277,7 +285,9 @@ class PermutationImportance(Metric):
         self.add_state("d_err", default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, base_loss: torch.Tensor, base_err: torch.Tensor, perm_loss: torch.Tensor, perm_err: torch.Tensor) -> None:
+    def update(
+        self, base_loss: torch.Tensor, base_err: torch.Tensor, perm_loss: torch.Tensor, perm_err: torch.Tensor
+    ) -> None:
         self.d_loss += (perm_loss - base_loss[:, None]).double().sum(0)
         self.d_err += (perm_err - base_err[:, None]).double().sum(0)
         self.n += base_loss.shape[0]
@@ -317,7 +327,9 @@ def top_activating_figure(
         for col, idx in enumerate(top.tolist()):
             ax = axes[j, col]
             img = images[idx].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+            ax.imshow(
+                img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{float(scores[idx, j]):.2f}", fontsize=7)

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 
-def inferred_positions(features: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def inferred_positions(
+    features: torch.Tensor, image_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Score and image position of every filter's strongest unit.
 
     The position is the centre of the argmax cell in image pixels, ``x = (j + 0.5) W / w``,
@@ -105,7 +107,9 @@ class LocationInstability(Metric):
         # dist_reduce_fx=None: the buffers are gathered (stacked by rank) and merged in compute().
         self.add_state("scores", torch.full(shape, float("-inf")), dist_reduce_fx=None)
         self.add_state("dists", torch.zeros(shape), dist_reduce_fx=None)
-        self.add_state("index", torch.full(shape, torch.iinfo(torch.long).max, dtype=torch.long), dist_reduce_fx=None)
+        self.add_state(
+            "index", torch.full(shape, torch.iinfo(torch.long).max, dtype=torch.long), dist_reduce_fx=None
+        )
         self.add_state("diag", torch.tensor(0.0), dist_reduce_fx="max")
 
     def update(
@@ -135,7 +139,9 @@ class LocationInstability(Metric):
                 f"{tuple(landmarks.shape)} and {tuple(visible.shape)}"
             )
         score, pos = inferred_positions(features, image_size)
-        d = torch.linalg.vector_norm(landmarks[:, None, :, :].float() - pos[:, :, None, :], dim=-1)  # (B, C, K)
+        d = torch.linalg.vector_norm(
+            landmarks[:, None, :, :].float() - pos[:, :, None, :], dim=-1
+        )  # (B, C, K)
         # An image where the filter is silent (max <= 0, e.g. a dead ReLU filter) has no inferred part: its
         # argmax would sit at cell (0, 0) every time and fake a perfectly stable filter.
         ok = visible.bool()[:, None, :] & (score > self.min_score)[:, :, None]
@@ -214,14 +220,18 @@ def part_dissection(
     total = n * H * W
     top = max(1, math.ceil(quantile * total))
     for start in range(0, c, chunk):
-        a = F.interpolate(activations[:, start:start + chunk].float(), size=(H, W), mode="bilinear", align_corners=False)
+        a = F.interpolate(
+            activations[:, start : start + chunk].float(), size=(H, W), mode="bilinear", align_corners=False
+        )
         flat = a.transpose(0, 1).reshape(a.shape[1], -1)
         thr = flat.kthvalue(total - top + 1, dim=1).values  # the top-quantile value per unit
         unit = (a >= thr.view(1, -1, 1, 1)) & (a > 0)  # (N, c', H, W)
         inter = torch.einsum("nuhw,nkhw->uk", unit.float(), masks.float()).double()
         area = unit.sum((0, 2, 3)).double()
         union = area[:, None] + mask_area[None, :] - inter
-        iou[start:start + chunk] = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+        iou[start : start + chunk] = torch.where(
+            union > 0, inter / union.clamp(min=1), torch.zeros_like(inter)
+        )
     best, part = iou.max(1)
     det = best > iou_threshold
     return {
@@ -278,8 +288,12 @@ def part_filter_figure(
         for col, i in enumerate(order.tolist()):
             ax = axes[r][col]
             img = images[i].float().clamp(0, 1)
-            ax.imshow(img.permute(1, 2, 0).squeeze(-1).cpu().numpy(), cmap="gray" if img.shape[0] == 1 else None)
-            heat = F.interpolate(features[i:i + 1, f:f + 1].float(), size=(H, W), mode="bilinear", align_corners=False)
+            ax.imshow(
+                img.permute(1, 2, 0).squeeze(-1).cpu().numpy(), cmap="gray" if img.shape[0] == 1 else None
+            )
+            heat = F.interpolate(
+                features[i : i + 1, f : f + 1].float(), size=(H, W), mode="bilinear", align_corners=False
+            )
             ax.imshow(heat[0, 0].cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=vmax)
             x, y = pos[i, f].tolist()
             ax.plot([x], [y], marker="+", color="white", markersize=12, markeredgewidth=2)

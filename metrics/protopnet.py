@@ -76,7 +76,11 @@ def _argmax_locations(maps: torch.Tensor, image_size: Sequence[int]) -> torch.Te
 
 
 def landmark_hits(
-    locations: torch.Tensor, landmarks: torch.Tensor, visible: torch.Tensor, half: int, image_size: Sequence[int]
+    locations: torch.Tensor,
+    landmarks: torch.Tensor,
+    visible: torch.Tensor,
+    half: int,
+    image_size: Sequence[int],
 ) -> torch.Tensor:
     """``(N, Q)`` bool: visible keypoint ``q`` lies in the box ``[r - half, r + half) x [c - half, c + half)``.
 
@@ -94,7 +98,12 @@ def landmark_hits(
 
 
 def stability_noise(
-    image: torch.Tensor, index: torch.Tensor, std: Sequence[float], seed: int = 0, sigma: float = 0.2, clip: float = 0.25
+    image: torch.Tensor,
+    index: torch.Tensor,
+    std: Sequence[float],
+    seed: int = 0,
+    sigma: float = 0.2,
+    clip: float = 0.25,
 ) -> torch.Tensor:
     """Huang et al.'s perturbation, seeded per sample so that ranks and reruns agree.
 
@@ -165,13 +174,19 @@ class PrototypeConsistency(_PerPrototypeMetric):
         self.add_state("visible", torch.zeros(num_classes, num_parts), dist_reduce_fx="sum")
 
     def update(
-        self, similarity_maps: torch.Tensor, labels: torch.Tensor, landmarks: torch.Tensor, visible: torch.Tensor,
+        self,
+        similarity_maps: torch.Tensor,
+        labels: torch.Tensor,
+        landmarks: torch.Tensor,
+        visible: torch.Tensor,
         image_size: Sequence[int],
     ) -> None:
         """``similarity_maps`` ``(B, P, h, w)``, ``labels`` ``(B,)``, ``landmarks`` ``(B, Q, 2)``, ``visible`` ``(B, Q)``."""
         b, j = self._own_pairs(labels)
         loc = _argmax_locations(similarity_maps[b, j].detach(), image_size)
-        o = landmark_hits(loc, landmarks[b], visible[b], box_half_size(image_size, self.half_fraction), image_size)
+        o = landmark_hits(
+            loc, landmarks[b], visible[b], box_half_size(image_size, self.half_fraction), image_size
+        )
         self.hits.index_add_(0, j, o.float())
         self.visible.index_add_(0, labels, visible.float())
 
@@ -191,7 +206,10 @@ class PrototypeStability(_PerPrototypeMetric):
     by input noise, averaged per prototype then over prototypes. State: ``same`` and ``count`` ``(P,)`` sums."""
 
     def __init__(
-        self, prototype_classes: Sequence[int] | torch.Tensor, half_fraction: float = HUANG_HALF_FRACTION, **kwargs: object
+        self,
+        prototype_classes: Sequence[int] | torch.Tensor,
+        half_fraction: float = HUANG_HALF_FRACTION,
+        **kwargs: object,
     ) -> None:
         super().__init__(prototype_classes, **kwargs)
         self.half_fraction = half_fraction
@@ -199,15 +217,30 @@ class PrototypeStability(_PerPrototypeMetric):
         self.add_state("count", torch.zeros(self.num_prototypes), dist_reduce_fx="sum")
 
     def update(
-        self, maps_clean: torch.Tensor, maps_noisy: torch.Tensor, labels: torch.Tensor, landmarks: torch.Tensor,
-        visible: torch.Tensor, image_size: Sequence[int],
+        self,
+        maps_clean: torch.Tensor,
+        maps_noisy: torch.Tensor,
+        labels: torch.Tensor,
+        landmarks: torch.Tensor,
+        visible: torch.Tensor,
+        image_size: Sequence[int],
     ) -> None:
         b, j = self._own_pairs(labels)
         half = box_half_size(image_size, self.half_fraction)
-        o1 = landmark_hits(_argmax_locations(maps_clean[b, j].detach(), image_size), landmarks[b], visible[b], half,
-                           image_size)
-        o2 = landmark_hits(_argmax_locations(maps_noisy[b, j].detach(), image_size), landmarks[b], visible[b], half,
-                           image_size)
+        o1 = landmark_hits(
+            _argmax_locations(maps_clean[b, j].detach(), image_size),
+            landmarks[b],
+            visible[b],
+            half,
+            image_size,
+        )
+        o2 = landmark_hits(
+            _argmax_locations(maps_noisy[b, j].detach(), image_size),
+            landmarks[b],
+            visible[b],
+            half,
+            image_size,
+        )
         self.same.index_add_(0, j, (o1 == o2).all(1).float())
         self.count.index_add_(0, j, torch.ones_like(j, dtype=torch.float))
 
@@ -225,7 +258,9 @@ class _TopKBuffer(_PerPrototypeMetric):
     def __init__(self, prototype_classes: Sequence[int] | torch.Tensor, k: int, **kwargs: object) -> None:
         super().__init__(prototype_classes, **kwargs)
         self.k = int(k)
-        self.add_state("top_score", torch.full((self.num_prototypes, self.k), float("-inf")), dist_reduce_fx=None)
+        self.add_state(
+            "top_score", torch.full((self.num_prototypes, self.k), float("-inf")), dist_reduce_fx=None
+        )
 
     def _select(self, new_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge ``(P, B)`` scores into the buffer; returns ``(order (P, k), from_batch (P, k) bool)``."""
@@ -258,17 +293,27 @@ class PrototypePartPurity(_TopKBuffer):
     """
 
     def __init__(
-        self, prototype_classes: Sequence[int] | torch.Tensor, num_parts: int, k: int = 10,
-        half_fraction: float = HUANG_HALF_FRACTION, **kwargs: object,
+        self,
+        prototype_classes: Sequence[int] | torch.Tensor,
+        num_parts: int,
+        k: int = 10,
+        half_fraction: float = HUANG_HALF_FRACTION,
+        **kwargs: object,
     ) -> None:
         super().__init__(prototype_classes, k, **kwargs)
         self.half_fraction = half_fraction
         self.add_state("top_hits", torch.zeros(self.num_prototypes, self.k, num_parts), dist_reduce_fx=None)
-        self.add_state("top_visible", torch.zeros(self.num_prototypes, self.k, num_parts), dist_reduce_fx=None)
+        self.add_state(
+            "top_visible", torch.zeros(self.num_prototypes, self.k, num_parts), dist_reduce_fx=None
+        )
 
     def update(
-        self, similarities: torch.Tensor, similarity_maps: torch.Tensor, image_size: Sequence[int],
-        part_masks: torch.Tensor | None = None, landmarks: torch.Tensor | None = None,
+        self,
+        similarities: torch.Tensor,
+        similarity_maps: torch.Tensor,
+        image_size: Sequence[int],
+        part_masks: torch.Tensor | None = None,
+        landmarks: torch.Tensor | None = None,
         visible: torch.Tensor | None = None,
     ) -> None:
         """``similarities`` ``(B, P)`` pooled scores; parts from ``part_masks`` ``(B, Q, H, W)`` or keypoints."""
@@ -276,8 +321,12 @@ class PrototypePartPurity(_TopKBuffer):
             raise ValueError("part purity needs part_masks or landmarks + visible")
         order, new = self._select(similarities.detach().t())
         j, slot = new.nonzero(as_tuple=True)
-        hits = self.top_hits.gather(1, order.clamp(max=self.k - 1)[..., None].expand(-1, -1, self.top_hits.shape[2]))
-        vis = self.top_visible.gather(1, order.clamp(max=self.k - 1)[..., None].expand(-1, -1, self.top_hits.shape[2]))
+        hits = self.top_hits.gather(
+            1, order.clamp(max=self.k - 1)[..., None].expand(-1, -1, self.top_hits.shape[2])
+        )
+        vis = self.top_visible.gather(
+            1, order.clamp(max=self.k - 1)[..., None].expand(-1, -1, self.top_hits.shape[2])
+        )
         if j.numel():
             b = order[j, slot] - self.k
             loc = _argmax_locations(similarity_maps[b, j].detach(), image_size)
@@ -304,7 +353,11 @@ class PrototypePartPurity(_TopKBuffer):
         if purity.numel() == 0:
             z = torch.tensor(0.0)
             return {"mean": z, "std": z, "part_related": z}
-        return {"mean": purity.mean(), "std": purity.std(unbiased=False), "part_related": (purity > 0.5).sum().float()}
+        return {
+            "mean": purity.mean(),
+            "std": purity.std(unbiased=False),
+            "part_related": (purity > 0.5).sum().float(),
+        }
 
 
 class PrototypeClassPurity(_TopKBuffer):
@@ -316,16 +369,24 @@ class PrototypeClassPurity(_TopKBuffer):
     """
 
     def __init__(
-        self, prototype_classes: Sequence[int] | torch.Tensor, k: int = 6, threshold: int = 3, **kwargs: object
+        self,
+        prototype_classes: Sequence[int] | torch.Tensor,
+        k: int = 6,
+        threshold: int = 3,
+        **kwargs: object,
     ) -> None:
         super().__init__(prototype_classes, k, **kwargs)
         self.threshold = threshold
-        self.add_state("top_label", torch.full((self.num_prototypes, self.k), -1, dtype=torch.long), dist_reduce_fx=None)
+        self.add_state(
+            "top_label", torch.full((self.num_prototypes, self.k), -1, dtype=torch.long), dist_reduce_fx=None
+        )
 
     def update(self, min_distances: torch.Tensor, labels: torch.Tensor) -> None:
         """``min_distances`` ``(B, P)``, ``labels`` ``(B,)``."""
         order, new = self._select(-min_distances.detach().t())
-        lab = torch.cat([self.top_label, labels.view(1, -1).expand(self.num_prototypes, -1).to(self.top_label)], 1)
+        lab = torch.cat(
+            [self.top_label, labels.view(1, -1).expand(self.num_prototypes, -1).to(self.top_label)], 1
+        )
         self.top_label = lab.gather(1, order)
         del new
 

@@ -32,7 +32,9 @@ def _to_numpy_image(img: torch.Tensor) -> np.ndarray:
     return arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
 
 
-def _draw(ax: Any, img: torch.Tensor, heat: torch.Tensor | None = None, box: Any = None, rf_box: Any = None) -> None:
+def _draw(
+    ax: Any, img: torch.Tensor, heat: torch.Tensor | None = None, box: Any = None, rf_box: Any = None
+) -> None:
     arr = _to_numpy_image(img)
     ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
     if heat is not None:
@@ -45,8 +47,17 @@ def _draw(ax: Any, img: torch.Tensor, heat: torch.Tensor | None = None, box: Any
         x0, y0, x1, y1 = (float(v) for v in b)
         if x1 <= x0 or y1 <= y0:
             continue
-        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1.2, ls=style,
-                               ec="yellow" if style == "-" else "cyan"))
+        ax.add_patch(
+            Rectangle(
+                (x0 - 0.5, y0 - 0.5),
+                x1 - x0,
+                y1 - y0,
+                fill=False,
+                lw=1.2,
+                ls=style,
+                ec="yellow" if style == "-" else "cyan",
+            )
+        )
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -64,7 +75,9 @@ def _device(net: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _source_views(net: ProtoPNet, dataset: Any, protos: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def _source_views(
+    net: ProtoPNet, dataset: Any, protos: list[int]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """``{j: (source image, upsampled self-activation map)}`` for pushed prototypes."""
     out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     dev = _device(net)
@@ -85,7 +98,9 @@ def prototype_gallery(net: ProtoPNet, datamodule: Any, path: Path, max_prototype
     net.eval()
     classes = net.prototype_classes.cpu()
     active = (net.prototype_mask > 0).cpu()
-    names = (getattr(net, "data_config", None) or {}).get("class_names") or [str(c) for c in range(net.num_classes)]
+    names = (getattr(net, "data_config", None) or {}).get("class_names") or [
+        str(c) for c in range(net.num_classes)
+    ]
     rows: list[list[int]] = []
     total = 0
     for c in range(net.num_classes):
@@ -97,8 +112,9 @@ def prototype_gallery(net: ProtoPNet, datamodule: Any, path: Path, max_prototype
         rows.append(js)
         total += len(js)
     ncols = max((len(r) for r in rows), default=1)
-    fig, axes = plt.subplots(max(1, len(rows)), ncols, figsize=(1.3 * ncols + 0.8, 1.4 * max(1, len(rows)) + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        max(1, len(rows)), ncols, figsize=(1.3 * ncols + 0.8, 1.4 * max(1, len(rows)) + 0.6), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     if not net.pushed:
@@ -118,8 +134,11 @@ def prototype_gallery(net: ProtoPNet, datamodule: Any, path: Path, max_prototype
                 _draw(ax, img, heat, net.push_act_box[j].tolist(), net.push_rf_box[j].tolist())
                 ax.set_title(f"p{j} (img {int(net.push_source_index[j])})", fontsize=6)
             axes[ri, 0].set_ylabel(str(names[int(classes[js[0]])])[:14], fontsize=7)
-        fig.suptitle("prototype gallery: source image, self-activation, high-activation box (yellow), "
-                     "receptive field (cyan)", fontsize=8)
+        fig.suptitle(
+            "prototype gallery: source image, self-activation, high-activation box (yellow), "
+            "receptive field (cyan)",
+            fontsize=8,
+        )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -129,8 +148,10 @@ def prototype_gallery(net: ProtoPNet, datamodule: Any, path: Path, max_prototype
 
 
 @torch.no_grad()
-def explanation_figure(net: ProtoPNet, datamodule: Any, path: Path, n_images: int = 4, top_k: int = 3) -> Path:
-    """"This looks like that" for the first ``n_images`` test images; returns ``path``."""
+def explanation_figure(
+    net: ProtoPNet, datamodule: Any, path: Path, n_images: int = 4, top_k: int = 3
+) -> Path:
+    """ "This looks like that" for the first ``n_images`` test images; returns ``path``."""
     was = net.training
     net.eval()
     datamodule.setup("test")
@@ -141,9 +162,14 @@ def explanation_figure(net: ProtoPNet, datamodule: Any, path: Path, n_images: in
     labels = [int(it["label"]) for it in items]
     expl = net.explain(x, top_k=top_k)
     out = net(x)
-    names = (getattr(net, "data_config", None) or {}).get("class_names") or [str(c) for c in range(net.num_classes)]
-    sources = _source_views(net, _push_set(datamodule), sorted({int(j) for e in expl for j in e.prototypes})) \
-        if net.pushed else {}
+    names = (getattr(net, "data_config", None) or {}).get("class_names") or [
+        str(c) for c in range(net.num_classes)
+    ]
+    sources = (
+        _source_views(net, _push_set(datamodule), sorted({int(j) for e in expl for j in e.prototypes}))
+        if net.pushed
+        else {}
+    )
     k = len(expl[0].prototypes) if expl else 0
     fig, axes = plt.subplots(n, 1 + 2 * k, figsize=(1.6 * (1 + 2 * k), 1.9 * n + 0.4), squeeze=False)
     for i, e in enumerate(expl):
@@ -154,17 +180,24 @@ def explanation_figure(net: ProtoPNet, datamodule: Any, path: Path, n_images: in
             heat = upsample_maps(out.similarity_maps[i, j].unsqueeze(0), x.shape[2:])[0]
             a_test, a_src = axes[i, 1 + 2 * t], axes[i, 2 + 2 * t]
             _draw(a_test, x[i], heat, e.boxes[t].tolist())
-            a_test.set_title(f"s={float(e.similarities[t]):.2f} w={float(e.weights[t]):.2f}\n"
-                             f"contrib {float(e.contributions[t]):.2f}", fontsize=6)
+            a_test.set_title(
+                f"s={float(e.similarities[t]):.2f} w={float(e.weights[t]):.2f}\n"
+                f"contrib {float(e.contributions[t]):.2f}",
+                fontsize=6,
+            )
             if j in sources:
                 img, sheat = sources[j]
                 _draw(a_src, img, sheat, net.push_act_box[j].tolist())
-                a_src.set_title(f"looks like p{j}\n(class {names[int(e.prototype_classes[t])]})"[:40], fontsize=6)
+                a_src.set_title(
+                    f"looks like p{j}\n(class {names[int(e.prototype_classes[t])]})"[:40], fontsize=6
+                )
             else:
                 a_src.axis("off")
                 a_src.set_title(f"p{j} (not pushed)", fontsize=6)
-    fig.suptitle("this looks like that: top prototypes of the predicted class (logit = sum of contributions)",
-                 fontsize=8)
+    fig.suptitle(
+        "this looks like that: top prototypes of the predicted class (logit = sum of contributions)",
+        fontsize=8,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

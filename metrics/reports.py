@@ -13,7 +13,9 @@ import torch  # noqa: E402
 
 
 @torch.no_grad()
-def predict_split(module: Any, loader: Any, max_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_split(
+    module: Any, loader: Any, max_batches: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(labels, predictions)`` of ``module`` over ``loader`` (eval mode, no gradients)."""
     from models.lit_base import batch_input
 

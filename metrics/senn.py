@@ -68,7 +68,9 @@ def concept_intervention_deltas(
     p = probs.gather(1, pred[:, None]).squeeze(1)
     b = torch.zeros_like(concepts) if baseline is None else baseline.to(concepts).expand_as(concepts)
     shifted = logits[:, None, :] + (b - concepts)[:, :, None] * relevances  # (B, k, C)
-    p_new = torch.softmax(shifted.double(), dim=2).gather(2, pred[:, None, None].expand(-1, concepts.shape[1], 1))
+    p_new = torch.softmax(shifted.double(), dim=2).gather(
+        2, pred[:, None, None].expand(-1, concepts.shape[1], 1)
+    )
     return (p_new.squeeze(2) - p[:, None]).float(), pred, p.float()
 
 
@@ -247,7 +249,10 @@ def local_lipschitz(
             for _ in range(steps):
                 z.requires_grad_(True)
                 r, ok = ratios(z, idx)
-                best = _nanmax(torch.stack([best, torch.where(ok, r.detach(), torch.full_like(best, float("nan")))], 1), 1)
+                best = _nanmax(
+                    torch.stack([best, torch.where(ok, r.detach(), torch.full_like(best, float("nan")))], 1),
+                    1,
+                )
                 (g,) = torch.autograd.grad(r.sum(), z)
                 z = torch.max(torch.min(z.detach() + step_size * radius * g.sign(), upper), lower)
         with torch.no_grad():

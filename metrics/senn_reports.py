@@ -105,7 +105,10 @@ def relevance_figure(module: Any, datamodule: Any, path: Path, num_samples: int 
     panel_h = max(1.6, 0.16 * k + 0.8)
     heights = ([1.4] if image_row else []) + [panel_h, panel_h]
     fig, axes = plt.subplots(
-        rows, n, figsize=(1.2 + (0.3 * n_cls + 1.6) * n, sum(heights) + 0.8), squeeze=False,
+        rows,
+        n,
+        figsize=(1.2 + (0.3 * n_cls + 1.6) * n, sum(heights) + 0.8),
+        squeeze=False,
         gridspec_kw={"height_ratios": heights},
     )
     fs = 5 if k > 12 else 6
@@ -126,20 +129,27 @@ def relevance_figure(module: Any, datamodule: Any, path: Path, num_samples: int 
         col[0].set_title(titles[r], fontsize=6)
         ax = col[-1]
         contrib = ex["contributions"][r].cpu()
-        ax.barh(range(k), contrib.numpy(), color=["tab:red" if v > 0 else "tab:blue" for v in contrib.tolist()])
+        ax.barh(
+            range(k), contrib.numpy(), color=["tab:red" if v > 0 else "tab:blue" for v in contrib.tolist()]
+        )
         ax.set_ylim(k - 0.5, -0.5)
         ax.set_yticks(range(k), concept_names if r == 0 else [""] * k, fontsize=fs)
         ax.axvline(0, color="black", lw=0.5)
         ax.tick_params(axis="x", labelsize=fs)
         ax.set_xlabel(f"theta_i,y * h_i  (y = {class_names[y_pred][:8]})", fontsize=fs)
-    fig.suptitle("SENN explanations of test samples: relevance theta per concept and class (top), "
-                 "contributions to the prediction (bottom)", fontsize=7)
+    fig.suptitle(
+        "SENN explanations of test samples: relevance theta per concept and class (top), "
+        "contributions to the prediction (bottom)",
+        fontsize=7,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
 
 @torch.no_grad()
-def top_activating(module: Any, datamodule: Any, top_k: int = 8, max_samples: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
+def top_activating(
+    module: Any, datamodule: Any, top_k: int = 8, max_samples: int = 5000
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices ``(k, top_k)`` into the push (un-augmented training) set of the samples that activate
     each concept most, and their activations ``(k, top_k)``."""
     net = module.net
@@ -177,7 +187,9 @@ def concept_prototypes_figure(module: Any, datamodule: Any, path: Path, top_k: i
             ax.imshow(z.numpy(), cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto")
             ax.set_yticks([])
             ax.set_ylabel(f"c{i}", fontsize=7)
-            ax.set_xticks(range(len(names)), [n[:12] for n in names], rotation=90, fontsize=5) if i == k - 1 else ax.set_xticks([])
+            ax.set_xticks(
+                range(len(names)), [n[:12] for n in names], rotation=90, fontsize=5
+            ) if i == k - 1 else ax.set_xticks([])
         fig.suptitle("top activating training samples per concept (standardised features)", fontsize=8)
     else:
         fig, axes = plt.subplots(k, t, figsize=(1.1 * t, 1.2 * k + 0.5), squeeze=False)

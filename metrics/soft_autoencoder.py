@@ -45,8 +45,10 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
     reference code averages over the valid interior only), so values differ slightly from that code.
     """
     if min(pred.shape[-2:]) < 11:
-        raise ValueError(f"SSIM uses an 11x11 window; images {tuple(pred.shape[-2:])} are too small "
-                         "(resize to at least 11x11, e.g. data.image_size=32)")
+        raise ValueError(
+            f"SSIM uses an 11x11 window; images {tuple(pred.shape[-2:])} are too small "
+            "(resize to at least 11x11, e.g. data.image_size=32)"
+        )
     return structural_similarity_index_measure(pred, target, data_range=data_range, kernel_size=11, sigma=1.5)
 
 
@@ -127,14 +129,18 @@ class CodeStatistics(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         n = self.unit_entries.double()
         live = self.unit_l2sq > 0
-        h_unit = (n.sqrt() - self.unit_l1[live] / self.unit_l2sq[live].sqrt()) / (n.sqrt() - 1).clamp(min=1e-12)
+        h_unit = (n.sqrt() - self.unit_l1[live] / self.unit_l2sq[live].sqrt()) / (n.sqrt() - 1).clamp(
+            min=1e-12
+        )
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=n.device)
         return {
             "code_sparsity": (self.zeros.double() / self.total.clamp(min=1)).float(),
             "hoyer_sparsity": (self.hoyer_sum / self.hoyer_count if self.hoyer_count > 0 else nan).float(),
             "hoyer_population": (h_unit.mean() if live.any() else nan).float(),
             "dead_units": (self.unit_active == 0).double().mean().float(),
-            "all_zero_codes": ((self.samples - self.hoyer_count).double() / self.samples.clamp(min=1)).float(),
+            "all_zero_codes": (
+                (self.samples - self.hoyer_count).double() / self.samples.clamp(min=1)
+            ).float(),
         }
 
 
@@ -180,7 +186,9 @@ def denoising_figure(examples: dict[str, torch.Tensor], path: Path, noise_std: f
     return _save(fig, path)
 
 
-def thresholds_figure(thresholds: dict[str, torch.Tensor], path: Path, noise_std: float | None = None) -> Path:
+def thresholds_figure(
+    thresholds: dict[str, torch.Tensor], path: Path, noise_std: float | None = None
+) -> Path:
     """Learned soft thresholds ``b`` per channel (sorted), one panel per encoder stage."""
     k = len(thresholds)
     fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 2.8), squeeze=False)
@@ -193,7 +201,9 @@ def thresholds_figure(thresholds: dict[str, torch.Tensor], path: Path, noise_std
         ax.legend(fontsize=7)
     axes[0, 0].set_ylabel("threshold b (code units)")
     if noise_std is not None:
-        fig.suptitle(f"learned soft thresholds, trained at noise sigma = {255 * noise_std:.0f}/255", fontsize=9)
+        fig.suptitle(
+            f"learned soft thresholds, trained at noise sigma = {255 * noise_std:.0f}/255", fontsize=9
+        )
     return _save(fig, path)
 
 

@@ -4,12 +4,14 @@
 >>> net = create_model("baseline_resnet18s", num_classes=10)
 """
 
-from models import baseline  # noqa: F401  (registers architectures)
-from models import concept_whitening  # noqa: F401
-from models import icnn  # noqa: F401
-from models import protopnet  # noqa: F401
-from models import senn  # noqa: F401
-from models import soft_autoencoder  # noqa: F401
+from models import (
+    baseline,  # noqa: F401  (registers architectures)
+    concept_whitening,  # noqa: F401
+    icnn,  # noqa: F401
+    protopnet,  # noqa: F401
+    senn,  # noqa: F401
+    soft_autoencoder,  # noqa: F401
+)
 from models.backbones import build_backbone, list_backbones
 from models.bundle import BundleError, load_pretrained, read_bundle_config, save_pretrained
 from models.checkpoint import load_checkpoint

@@ -49,12 +49,22 @@ def _resnet_small(width: int = 16) -> nn.Module:
 
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 _SPECS: dict[str, _BackboneSpec] = {
-    "resnet18": _BackboneSpec(_tv("resnet18"), "ResNet18_Weights.IMAGENET1K_V1", _RESNET_STAGES, "layer4", "resnet"),
-    "resnet34": _BackboneSpec(_tv("resnet34"), "ResNet34_Weights.IMAGENET1K_V1", _RESNET_STAGES, "layer4", "resnet"),
-    "resnet50": _BackboneSpec(_tv("resnet50"), "ResNet50_Weights.IMAGENET1K_V2", _RESNET_STAGES, "layer4", "resnet"),
+    "resnet18": _BackboneSpec(
+        _tv("resnet18"), "ResNet18_Weights.IMAGENET1K_V1", _RESNET_STAGES, "layer4", "resnet"
+    ),
+    "resnet34": _BackboneSpec(
+        _tv("resnet34"), "ResNet34_Weights.IMAGENET1K_V1", _RESNET_STAGES, "layer4", "resnet"
+    ),
+    "resnet50": _BackboneSpec(
+        _tv("resnet50"), "ResNet50_Weights.IMAGENET1K_V2", _RESNET_STAGES, "layer4", "resnet"
+    ),
     "resnet18s": _BackboneSpec(_resnet_small, None, _RESNET_STAGES, "layer4", "resnet"),
-    "vgg11_bn": _BackboneSpec(_tv("vgg11_bn"), "VGG11_BN_Weights.IMAGENET1K_V1", ("features",), "features", "vgg"),
-    "vgg16_bn": _BackboneSpec(_tv("vgg16_bn"), "VGG16_BN_Weights.IMAGENET1K_V1", ("features",), "features", "vgg"),
+    "vgg11_bn": _BackboneSpec(
+        _tv("vgg11_bn"), "VGG11_BN_Weights.IMAGENET1K_V1", ("features",), "features", "vgg"
+    ),
+    "vgg16_bn": _BackboneSpec(
+        _tv("vgg16_bn"), "VGG16_BN_Weights.IMAGENET1K_V1", ("features",), "features", "vgg"
+    ),
     "densenet121": _BackboneSpec(
         _tv("densenet121"), "DenseNet121_Weights.IMAGENET1K_V1", ("features",), "features", "densenet"
     ),
@@ -79,7 +89,10 @@ class SmallResNet(nn.Module):
     """
 
     def __init__(
-        self, widths: tuple[int, ...] = (16, 32, 64, 128), blocks: tuple[int, ...] = (2, 2, 2, 2), in_chans: int = 3
+        self,
+        widths: tuple[int, ...] = (16, 32, 64, 128),
+        blocks: tuple[int, ...] = (2, 2, 2, 2),
+        in_chans: int = 3,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False)
@@ -129,7 +142,12 @@ class Trunk(nn.Module):
 
 
 def _resnet_body(net: nn.Module, stage: str) -> nn.Sequential:
-    parts: list[tuple[str, nn.Module]] = [("conv1", net.conv1), ("bn1", net.bn1), ("relu", net.relu), ("maxpool", net.maxpool)]
+    parts: list[tuple[str, nn.Module]] = [
+        ("conv1", net.conv1),
+        ("bn1", net.bn1),
+        ("relu", net.relu),
+        ("maxpool", net.maxpool),
+    ]
     for s in _RESNET_STAGES:
         parts.append((s, getattr(net, s)))
         if s == stage:
@@ -143,7 +161,9 @@ def _replace_first_conv(body: nn.Module, in_chans: int) -> None:
         if isinstance(m, nn.Conv2d):
             if m.in_channels == in_chans:
                 return
-            new = nn.Conv2d(in_chans, m.out_channels, m.kernel_size, m.stride, m.padding, bias=m.bias is not None)
+            new = nn.Conv2d(
+                in_chans, m.out_channels, m.kernel_size, m.stride, m.padding, bias=m.bias is not None
+            )
             with torch.no_grad():
                 w = m.weight.mean(dim=1, keepdim=True).repeat(1, in_chans, 1, 1) * (m.in_channels / in_chans)
                 new.weight.copy_(w)
@@ -196,18 +216,24 @@ def build_backbone(
         download: allow torchvision to download missing weights (needs internet).
     """
     if name not in _SPECS:
-        raise ValueError(f"unknown backbone {name!r}{did_you_mean(name, _SPECS)}; available: {list_backbones()}")
+        raise ValueError(
+            f"unknown backbone {name!r}{did_you_mean(name, _SPECS)}; available: {list_backbones()}"
+        )
     spec = _SPECS[name]
     stage = stage or spec.default_stage
     if stage not in spec.stages:
-        raise ValueError(f"backbone {name!r} has no stage {stage!r}{did_you_mean(stage, spec.stages)}; stages: {list(spec.stages)}")
+        raise ValueError(
+            f"backbone {name!r} has no stage {stage!r}{did_you_mean(stage, spec.stages)}; stages: {list(spec.stages)}"
+        )
     net = _resnet_small(width) if name == "resnet18s" else spec.builder()
 
     if pretrained:
         if isinstance(pretrained, str) and pretrained.lower() not in ("true", "imagenet"):
             state = _load_state(pretrained)
         elif spec.weights is None:
-            raise PretrainedWeightsError(f"backbone {name!r} has no published weights; pass a file path instead")
+            raise PretrainedWeightsError(
+                f"backbone {name!r} has no published weights; pass a file path instead"
+            )
         else:
             cached = _weights_file(spec.weights)
             if cached.is_file():

@@ -115,7 +115,9 @@ def _resolve(source: str | Path) -> Path:
     )
 
 
-def load_pretrained(source: str | Path, map_location: str | torch.device = "cpu", eval_mode: bool = True) -> nn.Module:
+def load_pretrained(
+    source: str | Path, map_location: str | torch.device = "cpu", eval_mode: bool = True
+) -> nn.Module:
     """Load a bundle (folder path or shipped name) and return the network ready for inference.
 
     The network gets ``net.data_config`` (input size, mean/std, class/concept names) and
@@ -151,7 +153,9 @@ def load_state_strict(net: nn.Module, state: dict[str, torch.Tensor], what: str)
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
         if shape:
             k = shape[0]
-            parts.append(f"{len(shape)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+            parts.append(
+                f"{len(shape)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})"
+            )
         raise BundleError(
             f"{what} does not fit a {arch!r} network: " + "; ".join(parts) + ". It was probably saved from "
             "another model or with other constructor arguments."

@@ -104,7 +104,9 @@ def resolve_layers(net: nn.Module, layers: Sequence[int | str] | int | str) -> l
     if isinstance(layers, int | str):
         layers = [layers]
     if not layers:
-        raise ValueError("no layer to whiten: pass dotted names (e.g. 'layer3.0.bn1') or paper indices (e.g. 8)")
+        raise ValueError(
+            "no layer to whiten: pass dotted names (e.g. 'layer3.0.bn1') or paper indices (e.g. 8)"
+        )
     paper: list[str] | None = None
     out: list[str] = []
     for item in layers:
@@ -157,9 +159,19 @@ def replace_batchnorm(
         old = get_submodule(net, name)
         if isinstance(old, ConceptWhitening2d):
             raise ValueError(f"{name} is already a concept-whitening layer")
-        if not isinstance(old, nn.modules.batchnorm._BatchNorm) or isinstance(old, nn.BatchNorm1d | nn.BatchNorm3d):
-            raise TypeError(f"{name} is a {type(old).__name__}, not a BatchNorm2d; concept whitening replaces BatchNorm2d layers")
-        set_submodule(net, name, ConceptWhitening2d.from_batchnorm(old, init_stats=init_stats, concept_names=concepts, **cw_kwargs))
+        if not isinstance(old, nn.modules.batchnorm._BatchNorm) or isinstance(
+            old, nn.BatchNorm1d | nn.BatchNorm3d
+        ):
+            raise TypeError(
+                f"{name} is a {type(old).__name__}, not a BatchNorm2d; concept whitening replaces BatchNorm2d layers"
+            )
+        set_submodule(
+            net,
+            name,
+            ConceptWhitening2d.from_batchnorm(
+                old, init_stats=init_stats, concept_names=concepts, **cw_kwargs
+            ),
+        )
     return net
 
 
@@ -257,7 +269,9 @@ class ConceptWhiteningNet(nn.Module):
         super().__init__()
         self.normalize = InputNormalize(mean, std)
         self.backbone = backbone_from_config(backbone, in_chans=in_chans)
-        layers = whitened_layers if whitened_layers is not None else DEFAULT_LAYERS.get(self.backbone.name, [])
+        layers = (
+            whitened_layers if whitened_layers is not None else DEFAULT_LAYERS.get(self.backbone.name, [])
+        )
         self.concepts = [str(c) for c in concepts]
         self.activation_mode = activation_mode
         self.whitened_names = resolve_layers(self.backbone.body, list(layers))
@@ -475,9 +489,13 @@ class ConceptWhiteningModule(ClassificationModule):
     def build_net(self) -> nn.Module:
         net = super().build_net()
         if not isinstance(net, ConceptWhiteningNet):
-            raise TypeError(f"ConceptWhiteningModule needs arch=cw or cw_<backbone>, got {type(net).__name__}")
+            raise TypeError(
+                f"ConceptWhiteningModule needs arch=cw or cw_<backbone>, got {type(net).__name__}"
+            )
         if len(net.concepts) > net.cw_layer.num_features:
-            raise ValueError(f"{len(net.concepts)} concepts but the whitened layer has {net.cw_layer.num_features} axes")
+            raise ValueError(
+                f"{len(net.concepts)} concepts but the whitened layer has {net.cw_layer.num_features} axes"
+            )
         return net
 
     # -- setup --------------------------------------------------------------------------------------
@@ -519,17 +537,27 @@ class ConceptWhiteningModule(ClassificationModule):
         src_state = src.state_dict()
         own = self.net.state_dict()
         cw_prefixes = {f"backbone.body.{n}." for n in self.net.whitened_names}
-        missing = [k for k in own if not any(k.startswith(p) for p in cw_prefixes) and (k not in src_state or src_state[k].shape != own[k].shape)]
+        missing = [
+            k
+            for k in own
+            if not any(k.startswith(p) for p in cw_prefixes)
+            and (k not in src_state or src_state[k].shape != own[k].shape)
+        ]
         if missing:
             raise ValueError(
                 f"init_from={source} does not match this network ({len(missing)} tensors missing or of another "
                 f"shape, e.g. {missing[:3]}): warm-start from a BN model of the same backbone and classes"
             )
-        self.net.load_state_dict({k: src_state[k] for k in own if k in src_state and src_state[k].shape == own[k].shape}, strict=False)
+        self.net.load_state_dict(
+            {k: src_state[k] for k in own if k in src_state and src_state[k].shape == own[k].shape},
+            strict=False,
+        )
         for name, layer in self.net.cw_layers().items():
             bn = src.get_submodule(f"backbone.body.{name}")
             if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                raise ValueError(f"init_from={source}: backbone.body.{name} is a {type(bn).__name__}, not a BatchNorm")
+                raise ValueError(
+                    f"init_from={source}: backbone.body.{name} is a {type(bn).__name__}, not a BatchNorm"
+                )
             layer.load_batchnorm_statistics(bn.running_mean, bn.running_var, bn.eps)
         self._reference = [src]
         log.info("warm-started concept whitening from %s", source)
@@ -540,7 +568,10 @@ class ConceptWhiteningModule(ClassificationModule):
             try:
                 return self._source_net(self.hparams.init_from)
             except Exception as e:  # noqa: BLE001 - baselines are optional; say why they are missing
-                warnings.warn(f"no concept baselines: cannot load init_from={self.hparams.init_from} ({e})", stacklevel=2)
+                warnings.warn(
+                    f"no concept baselines: cannot load init_from={self.hparams.init_from} ({e})",
+                    stacklevel=2,
+                )
                 return None
         _, args = self.net_arguments()
         if (args.get("backbone") or {}).get("pretrained"):
@@ -562,8 +593,16 @@ class ConceptWhiteningModule(ClassificationModule):
         self._concept_samplers = []
         for j, name in enumerate(self.concept_names):
             # A DistributedSampler shards and shuffles on one rank as well; distinct seeds per concept.
-            sampler = DistributedSampler(sets[name], num_replicas=world, rank=rank, shuffle=True, seed=1234 + j)
-            loader = DataLoader(sets[name], batch_size=bs, sampler=sampler, num_workers=0, drop_last=len(sets[name]) >= bs * world)
+            sampler = DistributedSampler(
+                sets[name], num_replicas=world, rank=rank, shuffle=True, seed=1234 + j
+            )
+            loader = DataLoader(
+                sets[name],
+                batch_size=bs,
+                sampler=sampler,
+                num_workers=0,
+                drop_last=len(sets[name]) >= bs * world,
+            )
             self._concept_samplers.append(sampler)
             iters.append(_cycle(loader, sampler))
         return iters
@@ -595,7 +634,12 @@ class ConceptWhiteningModule(ClassificationModule):
     def _distributed(self) -> bool:
         import torch.distributed as dist
 
-        return self.trainer is not None and self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+        return (
+            self.trainer is not None
+            and self.trainer.world_size > 1
+            and dist.is_available()
+            and dist.is_initialized()
+        )
 
     def _reduce_concept_gradients(self, layers: dict[str, ConceptWhitening2d]) -> None:
         # Synced layers already reduced their gradients; plain layers (DDP without the sync plugin) hold
@@ -627,7 +671,12 @@ class ConceptWhiteningModule(ClassificationModule):
             return
         taus = self.align_concepts()
         self.log("train/cw_tau", float(taus[0]), on_step=True, on_epoch=False, prog_bar=False)
-        self.log("train/rotation_orthogonality_error", self.net.cw_layer.rotation_orthogonality_error(), on_step=True, on_epoch=False)
+        self.log(
+            "train/rotation_orthogonality_error",
+            self.net.cw_layer.rotation_orthogonality_error(),
+            on_step=True,
+            on_epoch=False,
+        )
 
     # -- metrics ------------------------------------------------------------------------------------
     def update_eval_metrics(self, out: NetworkOutput, batch: dict[str, Any], stage: str) -> None:
@@ -652,7 +701,9 @@ class ConceptWhiteningModule(ClassificationModule):
                 handle.remove()
             losses.append(F.cross_entropy(logits, y, reduction="none"))
             errors.append((logits.argmax(1) != y).float())
-        self.test_permutation.update(base, (out.logits.argmax(1) != y).float(), torch.stack(losses, 1), torch.stack(errors, 1))
+        self.test_permutation.update(
+            base, (out.logits.argmax(1) != y).float(), torch.stack(losses, 1), torch.stack(errors, 1)
+        )
 
     def _concept_eval_sets(self) -> list[Any]:
         from torch.utils.data import Subset
@@ -662,7 +713,11 @@ class ConceptWhiteningModule(ClassificationModule):
         for j, name in enumerate(self.concept_names):
             ds = sets[name]
             n = min(len(ds), int(self.hparams.concept_eval_samples))
-            idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(10_000 + j))[:n].sort().values.tolist()
+            idx = (
+                torch.randperm(len(ds), generator=torch.Generator().manual_seed(10_000 + j))[:n]
+                .sort()
+                .values.tolist()
+            )
             out.append(Subset(ds, idx))
         return out
 
@@ -697,7 +752,9 @@ class ConceptWhiteningModule(ClassificationModule):
         auc.reset()
         offdiag = sim.compute()["offdiag_mean"]
         sim.reset()
-        values = {f"{stage}/concept_auc/{c}": float(result["auc"][j]) for j, c in enumerate(self.concept_names)}
+        values = {
+            f"{stage}/concept_auc/{c}": float(result["auc"][j]) for j, c in enumerate(self.concept_names)
+        }
         values[f"{stage}/concept_auc_mean"] = float(result["auc"].nanmean())
         values[f"{stage}/concept_auc_fold_std"] = float(result["fold_std"].nanmean())
         values[f"{stage}/concept_similarity_offdiag"] = float(offdiag)
@@ -760,7 +817,11 @@ class ConceptWhiteningModule(ClassificationModule):
         if torch.isfinite(res["offdiag_mean"]):
             self.log(f"{stage}/whitening_offdiag_corr", float(res["offdiag_mean"]), sync_dist=True)
             self.log(f"{stage}/whitening_cov_error", float(res["cov_error"]), sync_dist=True)
-        self.log(f"{stage}/rotation_orthogonality_error", self.net.cw_layer.rotation_orthogonality_error(), sync_dist=True)
+        self.log(
+            f"{stage}/rotation_orthogonality_error",
+            self.net.cw_layer.rotation_orthogonality_error(),
+            sync_dist=True,
+        )
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
@@ -780,7 +841,9 @@ class ConceptWhiteningModule(ClassificationModule):
                 res = self.test_permutation.compute()
                 for j, c in enumerate(self.concept_names):
                     self.log(f"test/concept_importance/{c}", float(res["loss_increase"][j]), sync_dist=True)
-                    self.log(f"test/concept_importance_acc/{c}", float(res["error_increase"][j]), sync_dist=True)
+                    self.log(
+                        f"test/concept_importance_acc/{c}", float(res["error_increase"][j]), sync_dist=True
+                    )
                 self.test_permutation.reset()
 
     # -- reports ------------------------------------------------------------------------------------
@@ -804,7 +867,11 @@ class ConceptWhiteningModule(ClassificationModule):
                     break
             figures.append(
                 top_activating_figure(
-                    torch.cat(images), torch.cat(scores), self.concept_names, out_dir / "cw_top_images.png", k=self.hparams.report_top_k
+                    torch.cat(images),
+                    torch.cat(scores),
+                    self.concept_names,
+                    out_dir / "cw_top_images.png",
+                    k=self.hparams.report_top_k,
                 )
             )
             x = torch.cat(images)[: min(n, 256)].to(self.device)
@@ -817,7 +884,9 @@ class ConceptWhiteningModule(ClassificationModule):
                 bn_pix = _pixels(_layer_input(self.net, self.net.cw_layer, x))
                 bn_title = "before whitening (this model)"
         self.net.train(was_training)
-        figures.append(correlation_heatmap_figure(bn_pix, cw_pix, out_dir / "cw_correlation.png", left_title=bn_title))
+        figures.append(
+            correlation_heatmap_figure(bn_pix, cw_pix, out_dir / "cw_correlation.png", left_title=bn_title)
+        )
         return figures
 
 

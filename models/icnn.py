@@ -137,7 +137,9 @@ def attach_part_filters(
         if example_input is not None:
             in_channels = _infer_channels(net, name, example_input)
         else:
-            found = [m for m in get_submodule(net, name).modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
+            found = [
+                m for m in get_submodule(net, name).modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d)
+            ]
             if not found:
                 raise ValueError(f"cannot tell the channels of {name!r}: pass in_channels= or example_input=")
             last = found[-1]
@@ -145,7 +147,10 @@ def attach_part_filters(
     # Only the first layer can mask its input: the others receive an already masked map.
     first_kw = dict(block_kwargs)
     rest_kw = {**block_kwargs, "mask_input": False}
-    blocks = [InterpretableConv2d(in_channels, in_channels, **(first_kw if k == 0 else rest_kw)) for k in range(num_layers)]
+    blocks = [
+        InterpretableConv2d(in_channels, in_channels, **(first_kw if k == 0 else rest_kw))
+        for k in range(num_layers)
+    ]
     old = get_submodule(net, name)
     seq = nn.Sequential(OrderedDict([("base", old), *((f"icnn{k + 1}", b) for k, b in enumerate(blocks))]))
     set_submodule(net, name, seq)
@@ -223,8 +228,15 @@ class ICNNNet(nn.Module):
             )
         channels = _infer_channels(body, placement, torch.zeros(1, in_chans, 64, 64))
         block_kw = dict(
-            kernel_size=kernel_size, batch_norm=batch_norm, mask_input=mask_input, beta=beta, locate=locate,
-            mask_style=mask_style, learn_sharpness=learn_sharpness, use_mask=use_mask, init_std=init_std,
+            kernel_size=kernel_size,
+            batch_norm=batch_norm,
+            mask_input=mask_input,
+            beta=beta,
+            locate=locate,
+            mask_style=mask_style,
+            learn_sharpness=learn_sharpness,
+            use_mask=use_mask,
+            init_std=init_std,
         )
         attach_part_filters(body, placement, channels, num_layers, **block_kw)
         self.placement = placement
@@ -237,8 +249,12 @@ class ICNNNet(nn.Module):
         self.assignments = nn.ModuleDict()
         for k in range(num_layers):
             if mask_input and k == 0:
-                self.assignments[f"icnn{k + 1}_input"] = FilterAssignment(channels, num_classes, assignment, target_class)
-            self.assignments[f"icnn{k + 1}"] = FilterAssignment(channels, num_classes, assignment, target_class)
+                self.assignments[f"icnn{k + 1}_input"] = FilterAssignment(
+                    channels, num_classes, assignment, target_class
+                )
+            self.assignments[f"icnn{k + 1}"] = FilterAssignment(
+                channels, num_classes, assignment, target_class
+            )
 
     def blocks(self) -> dict[str, InterpretableConv2d]:
         """The interpretable layers by name (``icnn1``, ...)."""
@@ -267,7 +283,11 @@ class ICNNNet(nn.Module):
             masked = block.last_output
         logits = self.classifier(self.dropout(self.pool(feats).flatten(1)))
         return ICNNOutput(
-            logits=logits, features=feats, masked_features=masked, part_features=part_features, part_masks=part_masks
+            logits=logits,
+            features=feats,
+            masked_features=masked,
+            part_features=part_features,
+            part_masks=part_masks,
         )
 
 
@@ -359,10 +379,16 @@ class ICNNModule(ClassificationModule):
         if mode == "single":
             num_classes = (kwargs.get("data_info") or {}).get("num_classes")
             if num_classes is not None and not 0 <= target_class < int(num_classes):
-                raise ValueError(f"target_class {target_class} is not a class of the data (0..{int(num_classes) - 1})")
+                raise ValueError(
+                    f"target_class {target_class} is not a class of the data (0..{int(num_classes) - 1})"
+                )
             # Binary task: the network gets 2 outputs and every filter serves class 1 ("target").
-            kwargs["model_args"] = {**dict(kwargs.get("model_args") or {}), "num_classes": 2, "assignment": "single",
-                                    "target_class": 1}
+            kwargs["model_args"] = {
+                **dict(kwargs.get("model_args") or {}),
+                "num_classes": 2,
+                "assignment": "single",
+                "target_class": 1,
+            }
         super().__init__(*args, **kwargs)
         self.mode, self.target_class = mode, int(target_class)
         self.lambda_filter, self.loss_impl = float(lambda_filter), loss_impl
@@ -371,22 +397,41 @@ class ICNNModule(ClassificationModule):
                 setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes=2, average="micro"))
         beta = float(self.net_arguments()[1].get("beta", 4.0))
         cfg = self.filter_cfg
-        self.loss_fn = PartFilterLoss(beta, cfg["tau"], cfg["alpha"], cfg["template_scale"], cfg["normalize"],
-                                      cfg["sync"], cfg["reduction"])
+        self.loss_fn = PartFilterLoss(
+            beta,
+            cfg["tau"],
+            cfg["alpha"],
+            cfg["template_scale"],
+            cfg["normalize"],
+            cfg["sync"],
+            cfg["reduction"],
+        )
         names = list(self.net.assignments.keys())
         self.eval_layer = self.metric_cfg["eval_layer"] or [n for n in names if not n.endswith("_input")][-1]
         if self.eval_layer not in names:
-            raise ValueError(f"metrics.eval_layer {self.eval_layer!r} is not a part layer{did_you_mean(self.eval_layer, names)}")
+            raise ValueError(
+                f"metrics.eval_layer {self.eval_layer!r} is not a part layer{did_you_mean(self.eval_layer, names)}"
+            )
         parts = self.data_info.get("part_names")
         ids = self.metric_cfg["landmark_ids"]
         self.landmark_ids = list(range(len(parts))) if (parts and ids is None) else list(ids or [])
         if parts and any(not 0 <= i < len(parts) for i in self.landmark_ids):
-            raise ValueError(f"metrics.landmark_ids {self.landmark_ids} outside 0..{len(parts) - 1} ({parts})")
+            raise ValueError(
+                f"metrics.landmark_ids {self.landmark_ids} outside 0..{len(parts) - 1} ({parts})"
+            )
         channels = self.net.assignments[self.eval_layer].filter_class.numel()
         if self.landmark_ids:
             for stage in ("val", "test"):
-                setattr(self, f"{stage}_location", LocationInstability(
-                    channels, len(self.landmark_ids), self.metric_cfg["top_m"], self.metric_cfg["select_ratio"]))
+                setattr(
+                    self,
+                    f"{stage}_location",
+                    LocationInstability(
+                        channels,
+                        len(self.landmark_ids),
+                        self.metric_cfg["top_m"],
+                        self.metric_cfg["select_ratio"],
+                    ),
+                )
 
     # -- task ------------------------------------------------------------------------------------
     def task_labels(self, labels: torch.Tensor) -> torch.Tensor:
@@ -412,7 +457,9 @@ class ICNNModule(ClassificationModule):
         use_mi = self.loss_impl == "mi" and self.lambda_filter > 0
         terms = self.filter_terms(out, labels, grad=use_mi and stage == "train")
         if terms:
-            total = {k: sum(v.as_dict()[k] for v in terms.values()) for k in next(iter(terms.values())).as_dict()}
+            total = {
+                k: sum(v.as_dict()[k] for v in terms.values()) for k in next(iter(terms.values())).as_dict()
+            }
             for k, v in total.items():
                 self.log(f"{stage}/{k}", v.detach(), on_step=False, on_epoch=True, sync_dist=True)
             if use_mi:
@@ -420,12 +467,20 @@ class ICNNModule(ClassificationModule):
         if stage == "train" and self.loss_impl == "official_grad" and self.lambda_filter > 0:
             inj = []
             epoch = self.current_epoch + 1
-            weight = self.lambda_filter * self.official_cfg["weight"] / (10.0 * epoch if self.official_cfg["anneal"] else 1.0)
+            weight = (
+                self.lambda_filter
+                * self.official_cfg["weight"]
+                / (10.0 * epoch if self.official_cfg["anneal"] else 1.0)
+            )
             for name, feat in (out.part_features or {}).items():
                 mask = (out.part_masks or {}).get(name, torch.ones_like(feat))
                 pos = self.net.assignments[name].positive(labels)
                 # Zero-valued term whose backward adds the reference code's gradient to dL/dx.
-                inj.append((official_filter_grad(feat, mask, pos, weight, alpha=self.official_cfg["alpha"]) * 0).sum())
+                inj.append(
+                    (
+                        official_filter_grad(feat, mask, pos, weight, alpha=self.official_cfg["alpha"]) * 0
+                    ).sum()
+                )
             losses["filter"] = torch.stack(inj).sum()
         if stage == "train":
             self._update_procedures(out, labels)
@@ -442,7 +497,13 @@ class ICNNModule(ClassificationModule):
             assign.update(feat, labels)
         learned = [m.sharpness.mean() for m in masks.values() if m.learn_sharpness]
         if learned:
-            self.log("train/mask_sharpness", torch.stack(learned).mean(), on_step=False, on_epoch=True, sync_dist=True)
+            self.log(
+                "train/mask_sharpness",
+                torch.stack(learned).mean(),
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+            )
 
     # -- metrics ---------------------------------------------------------------------------------
     def update_eval_metrics(self, out: Any, batch: dict[str, Any], stage: str) -> None:
@@ -455,13 +516,19 @@ class ICNNModule(ClassificationModule):
         if self.metric_cfg["candidates"] == "category":
             cand = self.net.assignments[self.eval_layer].positive(batch["label"])
         metric.update(
-            feat, batch["landmarks"][:, ids], batch["landmark_visible"][:, ids], tuple(batch["image"].shape[-2:]),
-            index=batch.get("index"), candidates=cand,
+            feat,
+            batch["landmarks"][:, ids],
+            batch["landmark_visible"][:, ids],
+            tuple(batch["image"].shape[-2:]),
+            index=batch.get("index"),
+            candidates=cand,
         )
         self.log(f"{stage}/location_instability", metric, on_step=False, on_epoch=True)
 
     @torch.no_grad()
-    def collect_part_maps(self, dataset: Any, num_samples: int, seed: int, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    def collect_part_maps(
+        self, dataset: Any, num_samples: int, seed: int, batch_size: int = 64
+    ) -> dict[str, torch.Tensor]:
         """Images, labels, eval-layer maps and (when present) part masks of a fixed, seeded subset."""
         from torch.utils.data import DataLoader
 
@@ -491,8 +558,12 @@ class ICNNModule(ClassificationModule):
         if n <= 0 or dataset is None or len(dataset) == 0 or "part_masks" not in dataset[0]:
             return
         data = self.collect_part_maps(dataset, n, int(self.metric_cfg["part_iou_seed"]))
-        res = part_dissection(data["maps"], data["part_masks"], self.metric_cfg["part_iou_quantile"],
-                              self.metric_cfg["iou_threshold"])
+        res = part_dissection(
+            data["maps"],
+            data["part_masks"],
+            self.metric_cfg["part_iou_quantile"],
+            self.metric_cfg["iou_threshold"],
+        )
         # Same subset and weights on every rank: the values agree; sync_dist only averages equal numbers.
         for key in ("part_iou", "num_part_detectors", "num_unique_parts"):
             self.log(f"{stage}/{key}", res[key].float().to(self.device), sync_dist=True)
@@ -520,12 +591,19 @@ class ICNNModule(ClassificationModule):
         fc = self.net.assignments[self.eval_layer].filter_class.tolist()
         if self.mode == "single":
             target = names[self.target_class] if self.target_class < len(names) else str(self.target_class)
-            labels = [f"class {target}"] * len(fc)
+            labels = [f"{target} vs rest"] * len(fc)
         else:
-            labels = [f"class {names[c] if c < len(names) else c}" for c in fc]
+            labels = [str(names[c]) if c < len(names) else f"class {c}" for c in fc]
         images = data["image"]
-        figures.append(part_filter_figure(images, data["maps"], out_dir / "part_filters.png",
-                                          num_filters=int(self.metric_cfg["report_filters"]), filter_names=labels))
+        figures.append(
+            part_filter_figure(
+                images,
+                data["maps"],
+                out_dir / "part_filters.png",
+                num_filters=int(self.metric_cfg["report_filters"]),
+                filter_names=labels,
+            )
+        )
         return figures
 
 
@@ -538,4 +616,11 @@ def icnn_net_summary(net: ICNNNet) -> dict[str, Any]:
     }
 
 
-__all__ = ["ICNNModule", "ICNNNet", "ICNNOutput", "attach_part_filters", "default_placement", "icnn_net_summary"]
+__all__ = [
+    "ICNNModule",
+    "ICNNNet",
+    "ICNNOutput",
+    "attach_part_filters",
+    "default_placement",
+    "icnn_net_summary",
+]

@@ -157,7 +157,9 @@ class ClassificationModule(InterpModule):
         self.test_loss = MeanMetric()
         self.val_acc_best = MaxMetric()
 
-    def compute_losses(self, out: NetworkOutput, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
+    def compute_losses(
+        self, out: NetworkOutput, batch: dict[str, Any], stage: str
+    ) -> dict[str, torch.Tensor]:
         """Named, already weighted loss terms; their sum is the training loss."""
         return {"ce": F.cross_entropy(out.logits, batch["label"])}
 
@@ -177,7 +179,13 @@ class ClassificationModule(InterpModule):
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
         if len(losses) > 1:
             for name, value in losses.items():
-                self.log(f"{stage}/loss_{name}", value.detach(), on_step=on_step, on_epoch=True, sync_dist=not on_step)
+                self.log(
+                    f"{stage}/loss_{name}",
+                    value.detach(),
+                    on_step=on_step,
+                    on_epoch=True,
+                    sync_dist=not on_step,
+                )
         if stage != "train":
             self.update_eval_metrics(out, batch, stage)
         return loss
@@ -218,7 +226,9 @@ class ReconstructionModule(InterpModule):
         noise_seed: seed of the evaluation noise.
     """
 
-    def __init__(self, *args: Any, noise_std: float = 25 / 255, noise_seed: int = 1234, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, noise_std: float = 25 / 255, noise_seed: int = 1234, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("monitor", "val/psnr")
         kwargs.setdefault("monitor_mode", "max")
         super().__init__(*args, **kwargs)
@@ -239,10 +249,14 @@ class ReconstructionModule(InterpModule):
             noise[i] = torch.randn(x.shape[1:], generator=g).to(x)
         return x + self.noise_std * noise
 
-    def compute_losses(self, out: NetworkOutput, batch: dict[str, Any], clean: torch.Tensor, stage: str) -> dict[str, torch.Tensor]:
+    def compute_losses(
+        self, out: NetworkOutput, batch: dict[str, Any], clean: torch.Tensor, stage: str
+    ) -> dict[str, torch.Tensor]:
         return {"mse": F.mse_loss(out.reconstruction, clean)}
 
-    def update_eval_metrics(self, out: NetworkOutput, batch: dict[str, Any], noisy: torch.Tensor, stage: str) -> None:
+    def update_eval_metrics(
+        self, out: NetworkOutput, batch: dict[str, Any], noisy: torch.Tensor, stage: str
+    ) -> None:
         """Hook for sparsity and other metrics on validation/test batches."""
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:

@@ -69,10 +69,23 @@ __all__ = ["ProtoPNetModule", "phase_plan"]
 DEFAULT_LOSS = {"ce": 1.0, "clst": 0.8, "sep": -0.08, "l1": 1e-4}
 DEFAULT_OPTIM = {
     "warm": {"add_on": 3e-3, "prototypes": 3e-3, "weight_decay": 1e-3},
-    "joint": {"backbone": 1e-4, "add_on": 3e-3, "prototypes": 3e-3, "weight_decay": 1e-3, "step_size": 5, "gamma": 0.1},
+    "joint": {
+        "backbone": 1e-4,
+        "add_on": 3e-3,
+        "prototypes": 3e-3,
+        "weight_decay": 1e-3,
+        "step_size": 5,
+        "gamma": 0.1,
+    },
     "last": {"lr": 1e-4},
 }
-DEFAULT_SCHEDULE = {"warm_epochs": 5, "push_start": 10, "push_every": 10, "last_iters": 20, "final_push": True}
+DEFAULT_SCHEDULE = {
+    "warm_epochs": 5,
+    "push_start": 10,
+    "push_every": 10,
+    "last_iters": 20,
+    "final_push": True,
+}
 DEFAULT_PUSH = {"class_specific": True, "percentile": 95.0, "measure_gap": True}
 DEFAULT_PRUNE = {"enabled": False, "k": 6, "threshold": 3}
 DEFAULT_METRICS = {
@@ -96,7 +109,9 @@ def _merge(defaults: dict[str, Any], given: dict[str, Any] | None, what: str) ->
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
     for k, v in (given or {}).items():
         if k not in defaults:
-            raise ValueError(f"unknown key {what}.{k}{did_you_mean(k, defaults)}; accepted: {sorted(defaults)}")
+            raise ValueError(
+                f"unknown key {what}.{k}{did_you_mean(k, defaults)}; accepted: {sorted(defaults)}"
+            )
         if isinstance(defaults[k], dict):
             out[k] = _merge(defaults[k], v, f"{what}.{k}")
         else:
@@ -134,9 +149,18 @@ def phase_plan(
     ref = 0
     while len(plan) < max_epochs:
         push = push_start is not None and ref >= push_start and (ref - push_start) % push_every == 0
-        plan.append({"phase": "warm" if ref < warm_epochs else "joint", "push": push, "prune": False, "ref_epoch": ref})
+        plan.append(
+            {
+                "phase": "warm" if ref < warm_epochs else "joint",
+                "push": push,
+                "prune": False,
+                "ref_epoch": ref,
+            }
+        )
         if push:
-            plan += [{"phase": "last", "push": False, "prune": False, "ref_epoch": ref} for _ in range(last_iters)]
+            plan += [
+                {"phase": "last", "push": False, "prune": False, "ref_epoch": ref} for _ in range(last_iters)
+            ]
         ref += 1
     plan = plan[:max_epochs]
     if final_push and plan[-1]["phase"] != "last" and not plan[-1]["push"]:
@@ -160,7 +184,9 @@ class _MetricSet(nn.Module):
         self.has_parts = num_parts > 0
         if self.has_parts:
             hf = cfg["half_fraction"]
-            self.consistency = PrototypeConsistency(classes, num_classes, num_parts, cfg["consistency_threshold"], hf)
+            self.consistency = PrototypeConsistency(
+                classes, num_classes, num_parts, cfg["consistency_threshold"], hf
+            )
             self.stability = PrototypeStability(classes, hf)
             self.part_purity = PrototypePartPurity(classes, num_parts, cfg["part_purity_k"], hf)
 
@@ -216,13 +242,22 @@ class ProtoPNetModule(ClassificationModule):
         self.prune_cfg = _merge(DEFAULT_PRUNE, prune, "prune")
         self.metrics_cfg = _merge(DEFAULT_METRICS, metrics, "metrics")
         super().__init__(
-            arch=arch, model_args=model_args, backbone=backbone, data_info=data_info, optimizer=optimizer,
-            scheduler=scheduler, monitor=monitor, monitor_mode=monitor_mode, channels_last=channels_last,
+            arch=arch,
+            model_args=model_args,
+            backbone=backbone,
+            data_info=data_info,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            monitor=monitor,
+            monitor_mode=monitor_mode,
+            channels_last=channels_last,
             compile=compile,
         )
         if not isinstance(self.net, ProtoPNet):
-            raise TypeError(f"ProtoPNetModule needs a ProtoPNet network, but arch={arch!r} builds {type(self.net).__name__}; "
-                            "use arch=protopnet or a protopnet_<backbone> name")
+            raise TypeError(
+                f"ProtoPNetModule needs a ProtoPNet network, but arch={arch!r} builds {type(self.net).__name__}; "
+                "use arch=protopnet or a protopnet_<backbone> name"
+            )
         self.automatic_optimization = False
         self._plan: list[dict[str, Any]] | None = None
         self._pushed_epoch = -1
@@ -233,7 +268,9 @@ class ProtoPNetModule(ClassificationModule):
         k = self.net.num_classes
         parts = len(self.data_info.get("part_names") or [])
         stages = self.metrics_cfg["stages"] if self.metrics_cfg["enabled"] else []
-        self.proto_metrics = nn.ModuleDict({s: _MetricSet(classes, k, parts, self.metrics_cfg) for s in stages})
+        self.proto_metrics = nn.ModuleDict(
+            {s: _MetricSet(classes, k, parts, self.metrics_cfg) for s in stages}
+        )
 
     # -- phase machine ----------------------------------------------------------------------------
     @property
@@ -246,8 +283,15 @@ class ProtoPNetModule(ClassificationModule):
             elif self._trainer is not None:
                 max_epochs = 1000
             s = self.schedule_cfg
-            self._plan = phase_plan(max_epochs, s["warm_epochs"], s["push_start"], s["push_every"], s["last_iters"],
-                                    s["final_push"], bool(self.prune_cfg["enabled"]))
+            self._plan = phase_plan(
+                max_epochs,
+                s["warm_epochs"],
+                s["push_start"],
+                s["push_every"],
+                s["last_iters"],
+                s["final_push"],
+                bool(self.prune_cfg["enabled"]),
+            )
         return self._plan
 
     def phase_entry(self, epoch: int | None = None) -> dict[str, Any]:
@@ -257,7 +301,10 @@ class ProtoPNetModule(ClassificationModule):
 
     def on_fit_start(self) -> None:
         self._plan = None  # rebuilt for this trainer's max_epochs
-        phases = [(e["phase"] + ("+push" if e["push"] else "") + ("+prune" if e["prune"] else "")) for e in self.plan]
+        phases = [
+            (e["phase"] + ("+push" if e["push"] else "") + ("+prune" if e["prune"] else ""))
+            for e in self.plan
+        ]
         if self.trainer.is_global_zero:
             print(f"ProtoPNet phase plan ({len(phases)} epochs): {', '.join(phases)}")
 
@@ -283,30 +330,51 @@ class ProtoPNetModule(ClassificationModule):
                 warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
                 sched.step()
         for name, opt in zip(("warm", "joint", "last"), self.optimizers()):
-            for i, g in enumerate(opt.optimizer.param_groups if hasattr(opt, "optimizer") else opt.param_groups):
-                self.log(f"lr/{name}_{i}", g["lr"], on_step=False, on_epoch=True, sync_dist=False,
-                         rank_zero_only=True)
+            for i, g in enumerate(
+                opt.optimizer.param_groups if hasattr(opt, "optimizer") else opt.param_groups
+            ):
+                self.log(
+                    f"lr/{name}_{i}",
+                    g["lr"],
+                    on_step=False,
+                    on_epoch=True,
+                    sync_dist=False,
+                    rank_zero_only=True,
+                )
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         net, o = self.net, self.optim_cfg
         add_on = list(net.add_on.parameters())
         protos = [net.prototype_layer.prototype_vectors]
-        warm = torch.optim.Adam([
-            {"params": add_on, "lr": o["warm"]["add_on"], "weight_decay": o["warm"]["weight_decay"]},
-            {"params": protos, "lr": o["warm"]["prototypes"], "weight_decay": 0.0},
-        ])
-        joint = torch.optim.Adam([
-            {"params": list(net.backbone.parameters()), "lr": o["joint"]["backbone"],
-             "weight_decay": o["joint"]["weight_decay"]},
-            {"params": add_on, "lr": o["joint"]["add_on"], "weight_decay": o["joint"]["weight_decay"]},
-            {"params": protos, "lr": o["joint"]["prototypes"], "weight_decay": 0.0},
-        ])
-        last = torch.optim.Adam([{"params": [net.last_layer.weight], "lr": o["last"]["lr"], "weight_decay": 0.0}])
-        sched = torch.optim.lr_scheduler.StepLR(joint, step_size=int(o["joint"]["step_size"]), gamma=float(o["joint"]["gamma"]))
+        warm = torch.optim.Adam(
+            [
+                {"params": add_on, "lr": o["warm"]["add_on"], "weight_decay": o["warm"]["weight_decay"]},
+                {"params": protos, "lr": o["warm"]["prototypes"], "weight_decay": 0.0},
+            ]
+        )
+        joint = torch.optim.Adam(
+            [
+                {
+                    "params": list(net.backbone.parameters()),
+                    "lr": o["joint"]["backbone"],
+                    "weight_decay": o["joint"]["weight_decay"],
+                },
+                {"params": add_on, "lr": o["joint"]["add_on"], "weight_decay": o["joint"]["weight_decay"]},
+                {"params": protos, "lr": o["joint"]["prototypes"], "weight_decay": 0.0},
+            ]
+        )
+        last = torch.optim.Adam(
+            [{"params": [net.last_layer.weight], "lr": o["last"]["lr"], "weight_decay": 0.0}]
+        )
+        sched = torch.optim.lr_scheduler.StepLR(
+            joint, step_size=int(o["joint"]["step_size"]), gamma=float(o["joint"]["gamma"])
+        )
         return [warm, joint, last], [sched]
 
-    def compute_losses(self, out: ProtoPNetOutput, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
+    def compute_losses(
+        self, out: ProtoPNetOutput, batch: dict[str, Any], stage: str
+    ) -> dict[str, torch.Tensor]:
         """Paper Eq. (1) + the last-layer L1 (reference coefficients), each term weighted."""
         c, net, y = self.loss_cfg, self.net, batch["label"]
         ident, active = net.prototype_class_identity, net.prototype_mask
@@ -355,8 +423,9 @@ class ProtoPNetModule(ClassificationModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         for name, value in losses.items():
             self.log(f"train/loss_{name}", value.detach(), on_step=True, on_epoch=True)
-        avg_sep = avg_separation_cost(out.min_distances.detach(), y, self.net.prototype_class_identity,
-                                      self.net.prototype_mask)
+        avg_sep = avg_separation_cost(
+            out.min_distances.detach(), y, self.net.prototype_class_identity, self.net.prototype_mask
+        )
         self.log("train/avg_separation", avg_sep, on_step=False, on_epoch=True)
         return loss.detach()
 
@@ -396,7 +465,9 @@ class ProtoPNetModule(ClassificationModule):
         """Push (and prune when the plan says so) on every rank; returns the statistics."""
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "push_dataloader"):
-            raise RuntimeError("ProtoPNet push needs a datamodule with push_dataloader() (datamodules.base.BaseDataModule)")
+            raise RuntimeError(
+                "ProtoPNet push needs a datamodule with push_dataloader() (datamodules.base.BaseDataModule)"
+            )
         loader = dm.push_dataloader()
         _, world = dist_info()
         if world > 1:
@@ -406,13 +477,21 @@ class ProtoPNetModule(ClassificationModule):
                 dist.broadcast(b, 0)
         limit = self._limit(self.trainer.limit_train_batches, len(loader))
         before = self._accuracy_on_val() if self.push_cfg["measure_gap"] else float("nan")
-        stats = push_prototypes(self.net, loader, bool(self.push_cfg["class_specific"]),
-                                float(self.push_cfg["percentile"]), max_batches=limit)
+        stats = push_prototypes(
+            self.net,
+            loader,
+            bool(self.push_cfg["class_specific"]),
+            float(self.push_cfg["percentile"]),
+            max_batches=limit,
+        )
         stats["acc_before"] = before
         if entry.get("prune"):
             nn_ = nearest_patches(self.net, loader, int(self.prune_cfg["k"]), max_batches=limit)
-            keep = prune_keep_mask(nn_["label"], self.net.prototype_classes.to(nn_["label"].device),
-                                   int(self.prune_cfg["threshold"]))
+            keep = prune_keep_mask(
+                nn_["label"],
+                self.net.prototype_classes.to(nn_["label"].device),
+                int(self.prune_cfg["threshold"]),
+            )
             if not bool(keep.any()):
                 warnings.warn("pruning would remove every prototype; keeping all", stacklevel=2)
             else:
@@ -468,8 +547,13 @@ class ProtoPNetModule(ClassificationModule):
         if "part_masks" in batch:
             m.part_purity.update(out.similarities, out.similarity_maps, size, part_masks=batch["part_masks"])
         elif "landmarks" in batch and "landmark_visible" in batch:
-            m.part_purity.update(out.similarities, out.similarity_maps, size, landmarks=batch["landmarks"],
-                                 visible=batch["landmark_visible"])
+            m.part_purity.update(
+                out.similarities,
+                out.similarity_maps,
+                size,
+                landmarks=batch["landmarks"],
+                visible=batch["landmark_visible"],
+            )
 
     def _log_prototype_metrics(self, stage: str) -> None:
         net = self.net
@@ -478,7 +562,9 @@ class ProtoPNetModule(ClassificationModule):
             "prototype_unique": prototype_unique(net),
         }
         if net.pushed:
-            values["push_distance"] = float(torch.nan_to_num(net.push_distance[net.prototype_mask > 0]).mean())
+            values["push_distance"] = float(
+                torch.nan_to_num(net.push_distance[net.prototype_mask > 0]).mean()
+            )
         if stage in self.proto_metrics:
             m = self.proto_metrics[stage]
             for metric in m.children():

@@ -24,15 +24,21 @@ _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torc
 _SCHEDULERS = ("cosine", "step", "multistep", "exponential", "constant")
 
 
-def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(
+    named_params: Iterable[tuple[str, nn.Parameter]], cfg: dict[str, Any]
+) -> torch.optim.Optimizer:
     """Build an optimiser over the trainable parameters in ``named_params`` from ``cfg``."""
     cfg = dict(cfg)
     name = cfg.pop("name", "adam").lower()
     if name not in _OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}{did_you_mean(name, _OPTIMIZERS)}; choose one of {list(_OPTIMIZERS)}")
+        raise ValueError(
+            f"unknown optimizer {name!r}{did_you_mean(name, _OPTIMIZERS)}; choose one of {list(_OPTIMIZERS)}"
+        )
     group_cfgs = cfg.pop("param_groups", None) or []
     params = [(n, p) for n, p in named_params if p.requires_grad]
-    groups: list[dict[str, Any]] = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in group_cfgs]
+    groups: list[dict[str, Any]] = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in group_cfgs
+    ]
     default: list[nn.Parameter] = []
     for n, p in params:
         for gc, g in zip(group_cfgs, groups):
@@ -43,7 +49,9 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: dict[
             default.append(p)
     for gc, g in zip(group_cfgs, groups):
         if not g["params"]:
-            raise ValueError(f"optimizer.param_groups pattern {gc['params']!r} matches no trainable parameter")
+            raise ValueError(
+                f"optimizer.param_groups pattern {gc['params']!r} matches no trainable parameter"
+            )
     all_groups = [g for g in groups if g["params"]]
     if default:
         all_groups.append({"params": default})
@@ -64,10 +72,14 @@ def build_scheduler(
     warmup = int(cfg.pop("warmup_epochs", 0))
     horizon = max(1, max_epochs if interval == "epoch" else max_epochs * steps_per_epoch)
     if name not in _SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}{did_you_mean(name, _SCHEDULERS)}; choose one of {list(_SCHEDULERS)}")
+        raise ValueError(
+            f"unknown scheduler {name!r}{did_you_mean(name, _SCHEDULERS)}; choose one of {list(_SCHEDULERS)}"
+        )
     if name == "cosine":
         cfg.setdefault("T_max", max(1, horizon - warmup))
-        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, **cfg)
+        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, **cfg
+        )
     elif name == "step":
         sched = torch.optim.lr_scheduler.StepLR(optimizer, **cfg)
     elif name == "multistep":

@@ -18,7 +18,6 @@ Registered names: architecture ``protopnet`` and ``protopnet_<backbone>`` for ev
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +64,7 @@ class ProtoPNetOutput(ClassifierOutput):
 
 @dataclass
 class PrototypeExplanation:
-    """"This looks like that" for one image: the prototypes contributing most to one class logit.
+    """ "This looks like that" for one image: the prototypes contributing most to one class logit.
 
     Attributes:
         target: the explained class (the prediction unless given).
@@ -128,8 +127,11 @@ def upsample_maps(maps: torch.Tensor, size: Sequence[int], chunk: int = 256) -> 
     """Bicubic upsampling of ``(N, h, w)`` maps to ``(N, H, W)`` (the reference uses ``cv2.INTER_CUBIC``)."""
     out = []
     for part in maps.float().split(chunk):
-        out.append(F.interpolate(part.unsqueeze(1), size=tuple(int(s) for s in size), mode="bicubic",
-                                 align_corners=False).squeeze(1))
+        out.append(
+            F.interpolate(
+                part.unsqueeze(1), size=tuple(int(s) for s in size), mode="bicubic", align_corners=False
+            ).squeeze(1)
+        )
     return torch.cat(out) if out else maps.new_zeros((0, *size))
 
 
@@ -235,7 +237,13 @@ class ProtoPNet(nn.Module):
         self.backbone = backbone_from_config(backbone, in_chans=in_chans)
         self.add_on = _add_on_layers(add_on, self.backbone.out_channels, prototype_dim)
         self.prototype_layer = PrototypeLayer(
-            num_classes, prototypes_per_class, prototype_dim, prototype_hw, activation, eps, prototype_init,
+            num_classes,
+            prototypes_per_class,
+            prototype_dim,
+            prototype_hw,
+            activation,
+            eps,
+            prototype_init,
             classes=prototype_classes,
         )
         p = self.prototype_layer.num_prototypes
@@ -336,9 +344,13 @@ class ProtoPNet(nn.Module):
     # -- explanations -------------------------------------------------------------------------
     @torch.no_grad()
     def explain(
-        self, x: torch.Tensor, top_k: int = 5, target: torch.Tensor | int | None = None, percentile: float = 95.0
+        self,
+        x: torch.Tensor,
+        top_k: int = 5,
+        target: torch.Tensor | int | None = None,
+        percentile: float = 95.0,
     ) -> list[PrototypeExplanation]:
-        """"This looks like that": the ``top_k`` prototypes contributing most to each image's class logit.
+        """ "This looks like that": the ``top_k`` prototypes contributing most to each image's class logit.
 
         Args:
             x: ``(B, C, H, W)`` images in ``[0, 1]``.
@@ -367,7 +379,9 @@ class ProtoPNet(nn.Module):
         contrib = contrib.masked_fill(self.prototype_mask.unsqueeze(0) == 0, float("-inf"))
         k = min(top_k, int((self.prototype_mask > 0).sum()))
         top = contrib.topk(k, dim=1).indices  # (B, k)
-        maps = out.similarity_maps.gather(1, top[..., None, None].expand(-1, -1, *out.similarity_maps.shape[2:]))
+        maps = out.similarity_maps.gather(
+            1, top[..., None, None].expand(-1, -1, *out.similarity_maps.shape[2:])
+        )
         hp, wp = maps.shape[2:]
         flat_loc = maps.flatten(2).argmax(2)
         locations = torch.stack([flat_loc // wp, flat_loc % wp], -1)  # (B, k, 2)
@@ -376,20 +390,22 @@ class ProtoPNet(nn.Module):
         result = []
         for i in range(b):
             j = top[i]
-            result.append(PrototypeExplanation(
-                target=int(tgt[i]),
-                logit=float(out.logits[i, tgt[i]]),
-                prototypes=j.cpu(),
-                prototype_classes=self.prototype_classes[j].cpu(),
-                similarities=out.similarities[i, j].cpu(),
-                weights=w[i, j].cpu(),
-                contributions=contrib[i, j].cpu(),
-                boxes=boxes[i].cpu(),
-                locations=locations[i].cpu(),
-                rf_boxes=self.rf_boxes(locations[i], x.shape[2:]).cpu(),
-                source_index=self.push_source_index[j].cpu(),
-                source_boxes=self.push_act_box[j].cpu(),
-            ))
+            result.append(
+                PrototypeExplanation(
+                    target=int(tgt[i]),
+                    logit=float(out.logits[i, tgt[i]]),
+                    prototypes=j.cpu(),
+                    prototype_classes=self.prototype_classes[j].cpu(),
+                    similarities=out.similarities[i, j].cpu(),
+                    weights=w[i, j].cpu(),
+                    contributions=contrib[i, j].cpu(),
+                    boxes=boxes[i].cpu(),
+                    locations=locations[i].cpu(),
+                    rf_boxes=self.rf_boxes(locations[i], x.shape[2:]).cpu(),
+                    source_index=self.push_source_index[j].cpu(),
+                    source_boxes=self.push_act_box[j].cpu(),
+                )
+            )
         return result
 
     # -- pruning ------------------------------------------------------------------------------
@@ -412,7 +428,13 @@ class ProtoPNet(nn.Module):
         new_last = nn.Linear(idx.numel(), self.num_classes, bias=False).to(self.last_layer.weight)
         new_last.weight.copy_(self.last_layer.weight[:, idx])
         self.last_layer = new_last
-        for name in ("push_source_index", "push_source_location", "push_rf_box", "push_act_box", "push_distance"):
+        for name in (
+            "push_source_index",
+            "push_source_location",
+            "push_rf_box",
+            "push_act_box",
+            "push_distance",
+        ):
             setattr(self, name, getattr(self, name)[idx].clone())
         cfg = getattr(self, "interpzoo_config", None)
         if cfg is not None:
@@ -421,10 +443,3 @@ class ProtoPNet(nn.Module):
 
 for _bb in list_backbones():
     register_model(f"protopnet_{_bb}", "protopnet", backbone={"name": _bb})
-
-
-def latent_grid(net: ProtoPNet, image_size: Sequence[int]) -> tuple[int, int]:
-    """``(H', W')`` of the similarity maps for an input of ``image_size`` (by stride arithmetic)."""
-    s = net.backbone.stride
-    ph, pw = net.prototype_layer.hw
-    return math.ceil(int(image_size[0]) / s) - ph + 1, math.ceil(int(image_size[1]) / s) - pw + 1

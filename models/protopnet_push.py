@@ -187,8 +187,11 @@ def scan_push_candidates(
         ar = torch.arange(p, device=device)
         bd, bid, bloc = vmin[pick, ar], ids[pick], loc[pick, ar]
         better = torch.isfinite(bd) & (
-            (bd < cand.distance) | ((bd == cand.distance) & ((bid < cand.sample_id)
-                                                            | ((bid == cand.sample_id) & (bloc < cand.location))))
+            (bd < cand.distance)
+            | (
+                (bd == cand.distance)
+                & ((bid < cand.sample_id) | ((bid == cand.sample_id) & (bloc < cand.location)))
+            )
         )
         j = better.nonzero().flatten()
         if j.numel() == 0:
@@ -220,7 +223,9 @@ def apply_push(net: ProtoPNet, cand: PushCandidates, percentile: float = 95.0) -
     j = found.nonzero().flatten()
     missing = int(((~found) & (net.prototype_mask > 0)).sum())
     if missing:
-        warnings.warn(f"push: {missing} prototypes saw no image of their class and were not projected", stacklevel=2)
+        warnings.warn(
+            f"push: {missing} prototypes saw no image of their class and were not projected", stacklevel=2
+        )
     layer = net.prototype_layer
     wp = cand.self_map.shape[2]
     if j.numel():
@@ -232,7 +237,9 @@ def apply_push(net: ProtoPNet, cand: PushCandidates, percentile: float = 95.0) -
         net.push_distance[j] = cand.distance[j].to(net.push_distance.dtype)
         net.push_rf_box[j] = net.rf_boxes(loc, size).to(net.push_rf_box.device)
         sim = layer.similarity(cand.self_map[j])
-        net.push_act_box[j] = high_activation_boxes(upsample_maps(sim, size), percentile).to(net.push_act_box.device)
+        net.push_act_box[j] = high_activation_boxes(upsample_maps(sim, size), percentile).to(
+            net.push_act_box.device
+        )
     sources = torch.stack([cand.sample_id[j], cand.location[j]], 1) if j.numel() else torch.zeros((0, 2))
     n_unique = int(torch.unique(sources, dim=0).shape[0]) if j.numel() else 0
     return {
@@ -305,8 +312,9 @@ def nearest_patches(
             dmin = d.flatten(2).min(2).values.t()  # (P, B)
             ids = batch["index"].to(device).long().unsqueeze(0).expand(p, -1)
             ys = batch["label"].to(device).long().unsqueeze(0).expand(p, -1)
-            best_d, best_i, best_y = _topk_merge(torch.cat([best_d, dmin], 1), torch.cat([best_i, ids], 1),
-                                                 torch.cat([best_y, ys], 1), k)
+            best_d, best_i, best_y = _topk_merge(
+                torch.cat([best_d, dmin], 1), torch.cat([best_i, ids], 1), torch.cat([best_y, ys], 1), k
+            )
     finally:
         net.train(was_training)
     if world > 1:
@@ -327,7 +335,9 @@ def _topk_merge(d: torch.Tensor, i: torch.Tensor, y: torch.Tensor, k: int) -> tu
     return d.gather(1, o2), i.gather(1, o2), y.gather(1, o2)
 
 
-def prune_keep_mask(neighbour_labels: torch.Tensor, classes: torch.Tensor, threshold: int = 3) -> torch.Tensor:
+def prune_keep_mask(
+    neighbour_labels: torch.Tensor, classes: torch.Tensor, threshold: int = 3
+) -> torch.Tensor:
     """``(P,)`` bool: keep prototype ``j`` if at least ``threshold`` of its ``k`` nearest images are of its class.
 
     Reference ``prune.py``: with ``k = 6`` and ``threshold = 3`` a prototype is removed when fewer than 3 of

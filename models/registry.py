@@ -127,4 +127,6 @@ def create_model(name: str, pretrained: bool | str = False, **kwargs: Any) -> nn
             raise ValueError("constructor arguments cannot be changed when loading a pretrained bundle")
         return load_pretrained(source)
     arch, defaults = resolve_model_name(name)
-    return build_architecture(arch, _deep_update(defaults, {k: v for k, v in kwargs.items() if v is not None}))
+    return build_architecture(
+        arch, _deep_update(defaults, {k: v for k, v in kwargs.items() if v is not None})
+    )

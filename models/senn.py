@@ -99,7 +99,9 @@ def _component_cfg(cfg: dict[str, Any] | str | None, allowed: set[str], what: st
     cfg = {"type": cfg} if isinstance(cfg, str) else dict(cfg or {})
     for key in cfg:
         if key not in allowed:
-            raise ValueError(f"SENN {what} has no option {key!r}{did_you_mean(key, allowed)}; options: {sorted(allowed)}")
+            raise ValueError(
+                f"SENN {what} has no option {key!r}{did_you_mean(key, allowed)}; options: {sorted(allowed)}"
+            )
     return cfg
 
 
@@ -171,7 +173,9 @@ class SENN(nn.Module):
         if self.tabular:
             self.input_shape: tuple[int, ...] = (int(num_features),)
         else:
-            size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+            size = (
+                (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+            )
             self.input_shape = (int(in_chans), *size)
         self.in_chans = self.input_shape[0]
         self.single_logit_binary = bool(single_logit_binary)
@@ -209,8 +213,12 @@ class SENN(nn.Module):
             return InputConceptizer(math.prod(self.input_shape), add_bias=bool(cfg.get("add_bias", True)))
         if kind == "cnn_ae":
             if self.tabular:
-                raise ValueError("conceptizer 'cnn_ae' needs image inputs; use 'mlp_ae' or 'input' for tables")
-            return ConvAutoencoderConceptizer(self.in_chans, self.input_shape[1:], k, decoder=cfg.get("decoder", True))
+                raise ValueError(
+                    "conceptizer 'cnn_ae' needs image inputs; use 'mlp_ae' or 'input' for tables"
+                )
+            return ConvAutoencoderConceptizer(
+                self.in_chans, self.input_shape[1:], k, decoder=cfg.get("decoder", True)
+            )
         if kind == "mlp_ae":
             return MLPAutoencoderConceptizer(
                 self.input_shape, k, hidden=cfg.get("hidden", (64, 32)), decoder=cfg.get("decoder", True)
@@ -218,7 +226,9 @@ class SENN(nn.Module):
         if kind == "backbone":
             trunk = self._trunk(backbone)
             return BackboneConceptizer(trunk, trunk.out_channels, k)
-        raise ValueError(f"unknown conceptizer type {kind!r}{did_you_mean(kind, CONCEPTIZER_TYPES)}; choose from {CONCEPTIZER_TYPES}")
+        raise ValueError(
+            f"unknown conceptizer type {kind!r}{did_you_mean(kind, CONCEPTIZER_TYPES)}; choose from {CONCEPTIZER_TYPES}"
+        )
 
     def _build_parametrizer(self, cfg: dict[str, Any], backbone: dict[str, Any] | str | None) -> nn.Module:
         kind = cfg.get("type", "auto")
@@ -228,16 +238,25 @@ class SENN(nn.Module):
         out_act = cfg.get("out_act", "tanh")
         if kind == "mlp":
             return MLPParametrizer(
-                math.prod(self.input_shape), k, c, hidden=cfg.get("hidden", (64, 64)), act=cfg.get("act", "tanh"),
-                dropout=float(cfg.get("dropout", 0.0)), out_act=out_act,
+                math.prod(self.input_shape),
+                k,
+                c,
+                hidden=cfg.get("hidden", (64, 64)),
+                act=cfg.get("act", "tanh"),
+                dropout=float(cfg.get("dropout", 0.0)),
+                out_act=out_act,
             )
         if kind == "lenet":
             if self.tabular:
                 raise ValueError("parametrizer 'lenet' needs image inputs; use 'mlp' for tables")
-            return ConvParametrizer(self.in_chans, self.input_shape[1:], k, c, float(cfg.get("dropout", 0.5)), out_act)
+            return ConvParametrizer(
+                self.in_chans, self.input_shape[1:], k, c, float(cfg.get("dropout", 0.5)), out_act
+            )
         if kind == "backbone":
             trunk = self._trunk(backbone)
-            return BackboneParametrizer(trunk, trunk.out_channels, k, c, float(cfg.get("dropout", 0.0)), out_act)
+            return BackboneParametrizer(
+                trunk, trunk.out_channels, k, c, float(cfg.get("dropout", 0.0)), out_act
+            )
         raise ValueError(
             f"unknown parametrizer type {kind!r}{did_you_mean(kind, PARAMETRIZER_TYPES)}; choose from {PARAMETRIZER_TYPES}"
         )
@@ -277,7 +296,9 @@ class SENN(nn.Module):
         if self.tabular:
             raise ValueError(f"expected tabular input (B, {self.input_shape[0]}), got shape {tuple(x.shape)}")
         hint = " (add a batch dimension: x.unsqueeze(0))" if tuple(x.shape) == self.input_shape else ""
-        raise ValueError(f"expected images (B, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}{hint}")
+        raise ValueError(
+            f"expected images (B, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}{hint}"
+        )
 
     def forward(self, x: torch.Tensor) -> SENNOutput:
         self._check_input(x)
@@ -319,7 +340,11 @@ class SENN(nn.Module):
         """Readable concept names: feature names (+ ``bias``) for input concepts, else ``concept i``."""
         if self.uses_input_concepts:
             d = self.conceptizer.num_inputs
-            names = list(feature_names) if feature_names is not None and len(feature_names) == d else [f"x{i}" for i in range(d)]
+            names = (
+                list(feature_names)
+                if feature_names is not None and len(feature_names) == d
+                else [f"x{i}" for i in range(d)]
+            )
             return names + (["bias"] if self.conceptizer.add_bias else [])
         return [f"concept {i}" for i in range(self.n_concepts)]
 
@@ -413,17 +438,23 @@ class SENNModule(ClassificationModule):
         if penalty_target not in PENALTY_TARGETS:
             raise ValueError(f"penalty_target must be one of {PENALTY_TARGETS}, got {penalty_target!r}")
         if penalty_reduction not in PENALTY_REDUCTIONS or penalty_reduction == "none":
-            raise ValueError(f"penalty_reduction must be one of mean|rms|batch_fro, got {penalty_reduction!r}")
+            raise ValueError(
+                f"penalty_reduction must be one of mean|rms|batch_fro, got {penalty_reduction!r}"
+            )
         if penalty_method not in PENALTY_METHODS:
             raise ValueError(f"penalty_method must be one of {PENALTY_METHODS}, got {penalty_method!r}")
         if penalty_space not in ("normalized", "raw"):
             raise ValueError(f"penalty_space must be 'normalized' or 'raw', got {penalty_space!r}")
         if faithfulness_relevance not in ("theta", "contribution"):
-            raise ValueError(f"faithfulness_relevance must be 'theta' or 'contribution', got {faithfulness_relevance!r}")
+            raise ValueError(
+                f"faithfulness_relevance must be 'theta' or 'contribution', got {faithfulness_relevance!r}"
+            )
         if robustness_lambda < 0:
             raise ValueError(f"robustness_lambda must be >= 0, got {robustness_lambda}")
         if compile and robustness_lambda > 0:
-            raise ValueError("compile=true cannot be combined with robustness_lambda > 0 (double backward); set compile=false")
+            raise ValueError(
+                "compile=true cannot be combined with robustness_lambda > 0 (double backward); set compile=false"
+            )
         lip = dict(LIPSCHITZ_DEFAULTS)
         for key, value in (lipschitz or {}).items():
             if key not in LIPSCHITZ_DEFAULTS:
@@ -436,11 +467,21 @@ class SENNModule(ClassificationModule):
         if lip["mode"] not in LIPSCHITZ_MODES:
             raise ValueError(f"lipschitz.mode must be one of {LIPSCHITZ_MODES}, got {lip['mode']!r}")
         super().__init__(
-            arch=arch, model_args=model_args, backbone=backbone, data_info=data_info, optimizer=optimizer,
-            scheduler=scheduler, monitor=monitor, monitor_mode=monitor_mode, channels_last=channels_last, compile=compile,
+            arch=arch,
+            model_args=model_args,
+            backbone=backbone,
+            data_info=data_info,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            monitor=monitor,
+            monitor_mode=monitor_mode,
+            channels_last=channels_last,
+            compile=compile,
         )
         if not isinstance(self.net, SENN):
-            raise TypeError(f"SENNModule needs a SENN architecture ('senn', 'senn_mlp', ...), got {type(self.net).__name__}")
+            raise TypeError(
+                f"SENNModule needs a SENN architecture ('senn', 'senn_mlp', ...), got {type(self.net).__name__}"
+            )
         self.lipschitz_cfg = lip
         self.report_cfg = {"samples": 6, "top_k": 8, **(report or {})}
         k = self.net.n_concepts
@@ -475,16 +516,24 @@ class SENNModule(ClassificationModule):
         assert_per_sample(self.net.conceptizer, self.net.parametrizer)
         scale = self.net.input_scale() if self.hparams.penalty_space == "normalized" else None
         return robustness_loss(
-            x, out.concepts, out.relevances, out.logits,
-            target=self.hparams.penalty_target, reduction=self.hparams.penalty_reduction, input_scale=scale,
-            method=self.hparams.penalty_method, create_graph=create_graph,
+            x,
+            out.concepts,
+            out.relevances,
+            out.logits,
+            target=self.hparams.penalty_target,
+            reduction=self.hparams.penalty_reduction,
+            input_scale=scale,
+            method=self.hparams.penalty_method,
+            create_graph=create_graph,
         )
 
     def compute_losses(self, out: SENNOutput, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
         losses = {"ce": F.cross_entropy(out.logits, batch["label"])}
         if out.reconstruction is not None:
             # Kept even at weight 0 so every decoder parameter stays in the graph (DDP).
-            losses["recon"] = self.hparams.recon_weight * reconstruction_loss(out.reconstruction, out.reconstruction_target)
+            losses["recon"] = self.hparams.recon_weight * reconstruction_loss(
+                out.reconstruction, out.reconstruction_target
+            )
         if self.net.conceptizer.learnable and self.hparams.sparsity_weight > 0:
             losses["sparsity"] = self.hparams.sparsity_weight * concept_sparsity_loss(out.concepts)
         if stage == "train" and self.hparams.robustness_lambda > 0:
@@ -534,7 +583,9 @@ class SENNModule(ClassificationModule):
                 and self._input_medians is not None
                 and x[0].numel() <= self.hparams.input_faithfulness_max_features
             ):
-                m["faithfulness_input"].update(input_faithfulness_scores(self.net, x, self._input_medians, out))
+                m["faithfulness_input"].update(
+                    input_faithfulness_scores(self.net, x, self._input_medians, out)
+                )
                 logged.append("faithfulness_input")
         if stage == "val" and self._eval_batch_idx < self.hparams.val_penalty_batches:
             # Validation runs under inference mode: leave it, and enable gradients, on this batch only.
@@ -577,7 +628,9 @@ class SENNModule(ClassificationModule):
         self._refresh_medians()
 
     # -- stability at epoch end ------------------------------------------------------------------
-    def lipschitz_estimates(self, dataset: torch.utils.data.Dataset, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    def lipschitz_estimates(
+        self, dataset: torch.utils.data.Dataset, indices: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
         """Per-point local Lipschitz estimates ``{method: (n,), "combined": (n,)}`` of ``dataset[indices]``."""
         cfg = self.lipschitz_cfg
         scale = self.net.input_scale()
@@ -591,15 +644,26 @@ class SENNModule(ClassificationModule):
             for method in cfg["methods"]:
                 results[method].append(
                     local_lipschitz(
-                        self.net, x, chunk, method=method, mode=cfg["mode"], eps=float(cfg["eps"]), scale=scale,
-                        samples=int(cfg["samples"]), steps=int(cfg["steps"]), step_size=float(cfg["step_size"]),
-                        clip=clip, seed=int(cfg["seed"]),
+                        self.net,
+                        x,
+                        chunk,
+                        method=method,
+                        mode=cfg["mode"],
+                        eps=float(cfg["eps"]),
+                        scale=scale,
+                        samples=int(cfg["samples"]),
+                        steps=int(cfg["steps"]),
+                        step_size=float(cfg["step_size"]),
+                        clip=clip,
+                        seed=int(cfg["seed"]),
                     )
                 )
         out = {m: torch.cat(v) if v else torch.empty(0, device=self.device) for m, v in results.items()}
         stacked = torch.stack([torch.nan_to_num(v, nan=float("-inf")) for v in out.values()], 1)
         combined = stacked.amax(1)
-        out["combined"] = torch.where(torch.isinf(combined), torch.full_like(combined, float("nan")), combined)
+        out["combined"] = torch.where(
+            torch.isinf(combined), torch.full_like(combined, float("nan")), combined
+        )
         return out
 
     def _log_lipschitz(self, stage: str) -> None:
@@ -642,10 +706,14 @@ class SENNModule(ClassificationModule):
         from metrics.senn_reports import concept_prototypes_figure, reconstruction_figure, relevance_figure
 
         paths = super().write_report(out_dir, datamodule)
-        paths.append(relevance_figure(self, datamodule, out_dir / "senn_relevances.png", self.report_cfg["samples"]))
+        paths.append(
+            relevance_figure(self, datamodule, out_dir / "senn_relevances.png", self.report_cfg["samples"])
+        )
         if not self.net.uses_input_concepts:
             paths.append(
-                concept_prototypes_figure(self, datamodule, out_dir / "senn_concept_prototypes.png", self.report_cfg["top_k"])
+                concept_prototypes_figure(
+                    self, datamodule, out_dir / "senn_concept_prototypes.png", self.report_cfg["top_k"]
+                )
             )
         if getattr(self.net.conceptizer, "has_decoder", False):
             paths.append(reconstruction_figure(self, datamodule, out_dir / "senn_reconstructions.png"))

@@ -81,7 +81,12 @@ class EncoderStage(nn.Module):
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(
-            in_chans, out_chans, kernel_size, stride=stride, padding=(kernel_size - 1) // 2, bias=activation == "relu"
+            in_chans,
+            out_chans,
+            kernel_size,
+            stride=stride,
+            padding=(kernel_size - 1) // 2,
+            bias=activation == "relu",
         )
         if activation == "soft":
             self.act: nn.Module = SoftThreshold(out_chans, init=thr_init, param=thr_param)
@@ -197,7 +202,12 @@ class SoftAutoencoder(nn.Module):
         )
         self.decoder = nn.ModuleList(
             nn.ConvTranspose2d(
-                chans[i + 1], chans[i], kernels[i], stride=strides[i], padding=(kernels[i] - 1) // 2, bias=decoder_bias
+                chans[i + 1],
+                chans[i],
+                kernels[i],
+                stride=strides[i],
+                padding=(kernels[i] - 1) // 2,
+                bias=decoder_bias,
             )
             for i in range(n)
         )
@@ -258,7 +268,9 @@ class SoftAutoencoder(nn.Module):
 
 
 register_model("softae", "soft_autoencoder", activation="soft", stride=1)
-register_model("softae_wavelet", "soft_autoencoder", activation="soft", stride=2, kernel_size=2, widths=[16, 64, 256])
+register_model(
+    "softae_wavelet", "soft_autoencoder", activation="soft", stride=2, kernel_size=2, widths=[16, 64, 256]
+)
 register_model("relu_ae", "soft_autoencoder", activation="relu", stride=1)
 register_model("linear_ae", "soft_autoencoder", activation="linear", stride=1)
 
@@ -406,8 +418,10 @@ class SoftAutoencoderModule(ReconstructionModule):
         if noise_std < 0:
             raise ValueError(f"noise_std is a standard deviation in [0, 1] pixel units, got {noise_std}")
         if noise_std > 1:
-            raise ValueError(f"noise_std={noise_std} looks like 0..255 units; use noise_std={noise_std}/255 "
-                             f"= {noise_std / 255:.4f} (images are in [0, 1])")
+            raise ValueError(
+                f"noise_std={noise_std} looks like 0..255 units; use noise_std={noise_std}/255 "
+                f"= {noise_std / 255:.4f} (images are in [0, 1])"
+            )
         super().__init__(
             arch=arch,
             model_args=model_args,
@@ -444,7 +458,9 @@ class SoftAutoencoderModule(ReconstructionModule):
         noisy = super().add_noise(x, index, stage)
         return noisy.clamp(0.0, 1.0) if self.clip_noisy else noisy
 
-    def update_eval_metrics(self, out: NetworkOutput, batch: dict[str, Any], noisy: torch.Tensor, stage: str) -> None:
+    def update_eval_metrics(
+        self, out: NetworkOutput, batch: dict[str, Any], noisy: torch.Tensor, stage: str
+    ) -> None:
         clean = batch_input(batch)
         ssim, psnr_noisy = getattr(self, f"{stage}_ssim"), getattr(self, f"{stage}_psnr_noisy")
         # Same clamp as the base class's PSNR: a denoised image is shown/saved in [0, 1].
@@ -504,8 +520,13 @@ class SoftAutoencoderModule(ReconstructionModule):
         from metrics.soft_autoencoder import denoising_figure, filters_figure, thresholds_figure
 
         out_dir = Path(out_dir)
-        paths = [denoising_figure(self.denoise_examples(datamodule, self.report_examples),
-                                  out_dir / "denoising_examples.png", noise_std=self.noise_std)]
+        paths = [
+            denoising_figure(
+                self.denoise_examples(datamodule, self.report_examples),
+                out_dir / "denoising_examples.png",
+                noise_std=self.noise_std,
+            )
+        ]
         thresholds = self.net.thresholds()
         if thresholds:
             paths.append(thresholds_figure(thresholds, out_dir / "thresholds.png", noise_std=self.noise_std))

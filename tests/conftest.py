@@ -49,7 +49,9 @@ def compose_config(config_name: str, overrides: list[str], out_dir: Path, shrink
 
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
-    def _make(overrides: list[str] | None = None, config_name: str = "train", shrink: bool = True) -> DictConfig:
+    def _make(
+        overrides: list[str] | None = None, config_name: str = "train", shrink: bool = True
+    ) -> DictConfig:
         return compose_config(config_name, list(overrides or []), tmp_path, shrink=shrink)
 
     return _make

@@ -38,7 +38,9 @@ def _features(d: int, cond: float, m: int, seed: int = 0, hw: tuple[int, int] = 
     """``(m / (h w), d, h, w)`` samples with covariance eigenvalues log-spaced in ``[1, cond]``."""
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    scale = q @ torch.diag(torch.logspace(0, torch.log10(torch.tensor(float(cond))).item(), d, dtype=torch.float64).sqrt())
+    scale = q @ torch.diag(
+        torch.logspace(0, torch.log10(torch.tensor(float(cond))).item(), d, dtype=torch.float64).sqrt()
+    )
     x = (scale @ torch.randn(d, m, generator=g, dtype=torch.float64) + 3.0).float()  # non-zero mean
     h, w = hw
     return x.T.reshape(m // (h * w), h * w, d).permute(0, 2, 1).reshape(m // (h * w), d, h, w)
@@ -55,7 +57,9 @@ def _cov(z: torch.Tensor) -> torch.Tensor:
 
 
 def _random_rotation(d: int, seed: int = 1) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    q, _ = torch.linalg.qr(
+        torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
     return q
 
 
@@ -71,7 +75,9 @@ def test_whitening_gives_identity_covariance(d: int, cond: float) -> None:
     sigma = torch.cov(p, correction=0) + 1e-5 * torch.eye(d, dtype=torch.float64)
     evals, evecs = torch.linalg.eigh(sigma)
     zca = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
-    assert torch.allclose(cw.running_wm.double(), 0.05 * zca + 0.95 * torch.eye(d, dtype=torch.float64), atol=2e-4)
+    assert torch.allclose(
+        cw.running_wm.double(), 0.05 * zca + 0.95 * torch.eye(d, dtype=torch.float64), atol=2e-4
+    )
     assert torch.allclose(cw.running_mean.double(), 0.05 * p.mean(1), atol=1e-5)
 
 
@@ -101,7 +107,9 @@ def test_gradcheck_float64() -> None:
     torch.manual_seed(0)
     cw = ConceptWhitening2d(4, dtype=torch.float64, rot_dtype="float64", activation_mode="mean").train()
     cw.running_rot.copy_(_random_rotation(4))
-    x = (torch.randn(3, 4, 3, 3, dtype=torch.float64) + torch.arange(4.0, dtype=torch.float64)[:, None, None]).requires_grad_()
+    x = (
+        torch.randn(3, 4, 3, 3, dtype=torch.float64) + torch.arange(4.0, dtype=torch.float64)[:, None, None]
+    ).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: cw(t), (x,), eps=1e-6, atol=1e-5)
 
 
@@ -117,7 +125,7 @@ def test_eval_uses_running_statistics_and_is_batch_independent() -> None:
     for k, v in cw.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert torch.allclose(out[:1], cw(x[:1]), atol=1e-6)
-    expected = (cw.running_rot @ cw.running_wm @ (_pixels(x).float() - cw.running_mean[:, None]))
+    expected = cw.running_rot @ cw.running_wm @ (_pixels(x).float() - cw.running_mean[:, None])
     assert torch.allclose(_pixels(out).float(), expected, atol=1e-4)
 
 
@@ -284,7 +292,9 @@ def test_exact_gradient_matches_autograd(mode: str) -> None:
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4, d, 7, 8, generator=g, dtype=torch.float64)
     rot = _random_rotation(d, 9)
-    cw = ConceptWhitening2d(d, momentum=1.0, activation_mode=mode, dtype=torch.float64, rot_dtype="float64").eval()
+    cw = ConceptWhitening2d(
+        d, momentum=1.0, activation_mode=mode, dtype=torch.float64, rot_dtype="float64"
+    ).eval()
     cw.running_rot.copy_(rot)
     with cw.concept_mode(j):
         cw(x)
@@ -328,7 +338,14 @@ def test_drop_in_for_batchnorm_state_dict_and_conversion() -> None:
     assert torch.allclose(cw.running_mean, bn.running_mean)
     assert torch.allclose(cw.running_wm, torch.diag((bn.running_var + bn.eps).rsqrt()))
     assert list(cw.parameters()) == []  # affine=False: no unused parameters for DDP
-    assert set(cw.state_dict()) == {"running_mean", "running_wm", "running_rot", "sum_G", "counter", "num_batches_tracked"}
+    assert set(cw.state_dict()) == {
+        "running_mean",
+        "running_wm",
+        "running_rot",
+        "sum_G",
+        "counter",
+        "num_batches_tracked",
+    }
     # eval output of the fresh layer equals BatchNorm's normalisation (no affine)
     bn_plain = F.batch_norm(x, bn.running_mean, bn.running_var, training=False, eps=bn.eps)
     assert torch.allclose(cw.eval()(x), bn_plain, atol=1e-5)
@@ -338,7 +355,10 @@ def test_drop_in_for_batchnorm_state_dict_and_conversion() -> None:
     other = ConceptWhitening2d(8)
     other.load_state_dict(cw.state_dict())
     assert torch.equal(other.running_wm, cw.running_wm)
-    ref_layout = {k: (v[None, :, None] if k == "running_mean" else v[None] if v.dim() == 2 else v) for k, v in cw.state_dict().items()}
+    ref_layout = {
+        k: (v[None, :, None] if k == "running_mean" else v[None] if v.dim() == 2 else v)
+        for k, v in cw.state_dict().items()
+    }
     ref_layout |= {"weight": torch.ones(1, 8, 1, 1), "bias": torch.zeros(1, 8, 1, 1)}
     other.load_state_dict(ref_layout)
     assert torch.equal(other.running_mean, cw.running_mean)
@@ -381,7 +401,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         torch.manual_seed(0)
         x, concepts = _ddp_inputs()
-        cw = SyncConceptWhitening2d(8, activation_mode="pool_max", dtype=torch.float64, rot_dtype="float64").train()
+        cw = SyncConceptWhitening2d(
+            8, activation_mode="pool_max", dtype=torch.float64, rot_dtype="float64"
+        ).train()
         shard = x.chunk(world)[rank].clone().requires_grad_()
         out = cw(shard)
         (out * _ddp_weights(out.shape, rank, world)).sum().backward()
@@ -398,9 +420,16 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def _ddp_inputs() -> tuple[torch.Tensor, list[torch.Tensor]]:
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(8, 8, 6, 6, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2, 8, dtype=torch.float64)[:, None, None] + 1
+    x = (
+        torch.randn(8, 8, 6, 6, generator=g, dtype=torch.float64)
+        * torch.linspace(0.5, 2, 8, dtype=torch.float64)[:, None, None]
+        + 1
+    )
     eye = torch.eye(8, dtype=torch.float64)
-    concepts = [torch.randn(6, 8, 6, 6, generator=g, dtype=torch.float64) + 2 * eye[j][:, None, None] for j in range(3)]
+    concepts = [
+        torch.randn(6, 8, 6, 6, generator=g, dtype=torch.float64) + 2 * eye[j][:, None, None]
+        for j in range(3)
+    ]
     return x, concepts
 
 
@@ -418,7 +447,9 @@ def test_sync_layer_under_two_process_ddp_equals_single_process(tmp_path) -> Non
 
     torch.manual_seed(0)
     x, concepts = _ddp_inputs()
-    single = ConceptWhitening2d(8, activation_mode="pool_max", dtype=torch.float64, rot_dtype="float64").train()
+    single = ConceptWhitening2d(
+        8, activation_mode="pool_max", dtype=torch.float64, rot_dtype="float64"
+    ).train()
     xs = x.clone().requires_grad_()
     out = single(xs)
     (out * _ddp_weights(out.shape, 0, 1)).sum().backward()

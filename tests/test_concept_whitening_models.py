@@ -51,9 +51,17 @@ def test_paper_layer_indices_of_torchvision_models() -> None:
     assert paper_layer_names(r18)[7] == "layer4.1.bn1" and len(paper_layer_names(r18)) == 8
     assert len(paper_layer_names(torchvision.models.resnet50())) == 16
     vgg = torchvision.models.vgg16_bn()
-    assert paper_layer_names(vgg) == [f"features.{i}" for i in (1, 4, 8, 11, 15, 18, 21, 25, 28, 31, 35, 38, 41)]
+    assert paper_layer_names(vgg) == [
+        f"features.{i}" for i in (1, 4, 8, 11, 15, 18, 21, 25, 28, 31, 35, 38, 41)
+    ]
     dense = paper_layer_names(torchvision.models.densenet121())
-    assert dense == ["features.norm0", "features.transition1.norm", "features.transition2.norm", "features.transition3.norm", "features.norm5"]
+    assert dense == [
+        "features.norm0",
+        "features.transition1.norm",
+        "features.transition2.norm",
+        "features.transition3.norm",
+        "features.norm5",
+    ]
 
 
 def test_replace_batchnorm_in_torchvision_resnet() -> None:
@@ -106,7 +114,9 @@ def test_layer_sync_plugin_converts_and_reverts() -> None:
     assert isinstance(net.cw_layer, SyncConceptWhitening2d) and net.cw_layer.running_rot is rot
     assert isinstance(net.backbone.body.bn1, nn.SyncBatchNorm)
     net = plugin.revert(net)
-    assert type(net.cw_layer) is ConceptWhitening2d and not isinstance(net.backbone.body.bn1, nn.SyncBatchNorm)
+    assert type(net.cw_layer) is ConceptWhitening2d and not isinstance(
+        net.backbone.body.bn1, nn.SyncBatchNorm
+    )
     off = SyncBatchNormAndConceptWhitening(enabled=False)
     assert type(off.apply(net).cw_layer) is ConceptWhitening2d
 
@@ -117,14 +127,18 @@ def test_warm_start_from_a_baseline_bundle(tmp_path: Path) -> None:
     for _ in range(3):
         base(torch.rand(8, 3, 32, 32))
     bundle = save_pretrained(base.eval(), tmp_path / "bn", data_config=data_info)
-    module = ConceptWhiteningModule(arch="cw_resnet18s", concepts=CONCEPTS, data_info=data_info, init_from=str(bundle))
+    module = ConceptWhiteningModule(
+        arch="cw_resnet18s", concepts=CONCEPTS, data_info=data_info, init_from=str(bundle)
+    )
     module.warm_start(str(bundle))
     bn = base.backbone.body.layer3[0].bn1
     cw = module.net.cw_layer
     assert torch.equal(cw.running_mean, bn.running_mean)
     assert torch.allclose(cw.running_wm, torch.diag((bn.running_var + bn.eps).rsqrt()))
     assert torch.equal(module.net.classifier.weight, base.classifier.weight)
-    assert torch.equal(module.net.backbone.body.layer1[0].conv1.weight, base.backbone.body.layer1[0].conv1.weight)
+    assert torch.equal(
+        module.net.backbone.body.layer1[0].conv1.weight, base.backbone.body.layer1[0].conv1.weight
+    )
     x = torch.rand(2, 3, 32, 32)
     assert torch.allclose(module._reference[0](x).logits, base(x).logits)
 
@@ -152,7 +166,10 @@ def test_concept_metrics_match_brute_force() -> None:
     sim = ConceptSimilarity(3, 5)
     sim.update(latents, labels)
     u = nn.functional.normalize(latents, dim=1).double()
-    s = torch.tensor([[float((u[labels == i] @ u[labels == j].T).mean()) for j in range(3)] for i in range(3)], dtype=torch.float64)
+    s = torch.tensor(
+        [[float((u[labels == i] @ u[labels == j].T).mean()) for j in range(3)] for i in range(3)],
+        dtype=torch.float64,
+    )
     r = s.abs() / (s.diagonal().abs()[:, None] * s.diagonal().abs()[None]).sqrt()
     assert torch.allclose(sim.compute()["matrix"], r)
 
@@ -166,7 +183,12 @@ def test_concept_metrics_match_brute_force() -> None:
     assert corr.compute()["offdiag_mean"] == pytest.approx(float(ref[off].abs().mean()))
 
     perm = PermutationImportance(2)
-    perm.update(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]), torch.tensor([[2.0, 1.0], [2.0, 4.0]]), torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    perm.update(
+        torch.tensor([1.0, 2.0]),
+        torch.tensor([0.0, 1.0]),
+        torch.tensor([[2.0, 1.0], [2.0, 4.0]]),
+        torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
+    )
     res = perm.compute()
     assert res["loss_increase"].tolist() == [0.5, 1.0] and res["error_increase"].tolist() == [0.5, 0.0]
 
@@ -195,14 +217,29 @@ def test_fast_dev_run(make_cfg) -> None:
 
 
 def test_short_training_learns_and_resume_keeps_the_rotation(make_cfg, tmp_path: Path) -> None:
-    data = ["data.n_train=480", "data.n_val=96", "data.n_test=96", "data.batch_size=32", "data.n_concept_test=60"]
+    data = [
+        "data.n_train=480",
+        "data.n_val=96",
+        "data.n_test=96",
+        "data.batch_size=32",
+        "data.n_concept_test=60",
+    ]
     # no LR schedule: a cosine schedule fitted to 2 epochs has LR 0 in a resumed third epoch
-    common = ["model=cw", "logger=none", "model.scheduler=null", "model.concept_eval_samples=60", "model.report_samples=96", *data]
+    common = [
+        "model=cw",
+        "logger=none",
+        "model.scheduler=null",
+        "model.concept_eval_samples=60",
+        "model.report_samples=96",
+        *data,
+    ]
     metrics = train(make_cfg([*common, "trainer.max_epochs=2", "model.align_every=2"]))
     assert metrics["test/acc"] > 0.3  # 10 classes: chance is 0.1
     assert metrics["test/whitening_offdiag_corr"] < 0.2
     assert metrics["test/rotation_orthogonality_error"] < 1e-4
-    assert {"figures/cw_top_images.png", "figures/cw_correlation.png"} <= {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.png")}
+    assert {"figures/cw_top_images.png", "figures/cw_correlation.png"} <= {
+        str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.png")
+    }
 
     last = tmp_path / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=True)["state_dict"]
@@ -215,7 +252,19 @@ def test_short_training_learns_and_resume_keeps_the_rotation(make_cfg, tmp_path:
     assert torch.equal(load_pretrained(tmp_path / "bundle").cw_layer.running_rot, best_rot)  # bundles keep it
 
     # resume without further alignment: the rotation of the checkpoint survives and training continues
-    train(make_cfg([*common, "trainer.max_epochs=3", "model.align_every=0", f"ckpt_path={last}", "test=false", "report=false", "export=false"]))
+    train(
+        make_cfg(
+            [
+                *common,
+                "trainer.max_epochs=3",
+                "model.align_every=0",
+                f"ckpt_path={last}",
+                "test=false",
+                "report=false",
+                "export=false",
+            ]
+        )
+    )
     resumed = torch.load(last, weights_only=True)
     assert resumed["global_step"] == 3 * 15  # 480 / 32 = 15 steps per epoch
     assert torch.equal(resumed["state_dict"]["net.backbone.body.layer3.0.bn1.running_rot"], rot)
@@ -226,14 +275,26 @@ def test_places365_recipe_on_fake_folders(make_cfg, tmp_path: Path) -> None:
     from datamodules.testing import make_fake_image_folder
 
     root = make_fake_image_folder(
-        tmp_path / "places", classes=("beach", "kitchen"), n_per_class=4, size=40, splits=("train", "val"),
+        tmp_path / "places",
+        classes=("beach", "kitchen"),
+        n_per_class=4,
+        size=40,
+        splits=("train", "val"),
         with_concepts=("airplane", "bed", "person"),
     )
-    cfg = make_cfg([
-        "experiment=cw_places365_resnet18", "debug=fdr", f"data.root={root}",
-        f"concepts.train_dir={root}/concepts_train", f"concepts.test_dir={root}/concepts_test",
-        "data.image_size=112", "data.batch_size=4", "data.num_workers=0", "model.align_every=1",
-    ])
+    cfg = make_cfg(
+        [
+            "experiment=cw_places365_resnet18",
+            "debug=fdr",
+            f"data.root={root}",
+            f"concepts.train_dir={root}/concepts_train",
+            f"concepts.test_dir={root}/concepts_test",
+            "data.image_size=112",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "model.align_every=1",
+        ]
+    )
     assert cfg.model.model_args.whitened_layers == [8] and cfg.model.optimizer.name == "sgd"
     assert cfg.data.concepts_train_dir == f"{root}/concepts_train"
     metrics = train(cfg)
@@ -261,13 +322,28 @@ class RankAgreement(Callback):
 
 @pytest.mark.ddp
 def test_two_process_ddp_sync_keeps_ranks_identical(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg([
-        "model=cw", "trainer=ddp_sim", "trainer.sync_batchnorm=true", "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1", "model.align_every=2",
-        "model.concept_eval_samples=16", "logger=none", "test=false", "export=false", "report=false", *TINY_DATA,
-    ])
+    cfg = make_cfg(
+        [
+            "model=cw",
+            "trainer=ddp_sim",
+            "trainer.sync_batchnorm=true",
+            "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=4",
+            "+trainer.limit_val_batches=1",
+            "model.align_every=2",
+            "model.concept_eval_samples=16",
+            "logger=none",
+            "test=false",
+            "export=false",
+            "report=false",
+            *TINY_DATA,
+        ]
+    )
     with open_dict(cfg):
-        cfg.callbacks.rank_check = {"_target_": f"{__name__}.RankAgreement", "path": str(tmp_path / "ranks.json")}
+        cfg.callbacks.rank_check = {
+            "_target_": f"{__name__}.RankAgreement",
+            "path": str(tmp_path / "ranks.json"),
+        }
     metrics = train(cfg)
     ranks = json.loads((tmp_path / "ranks.json").read_text())
     assert ranks["class"] == "SyncConceptWhitening2d"  # the trainer switch converted the layer

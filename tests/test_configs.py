@@ -48,7 +48,9 @@ def test_unknown_constructor_key_gets_did_you_mean(make_cfg) -> None:
 
 
 def test_wrong_value_type_and_registry_names(make_cfg) -> None:
-    cfg = make_cfg(["data.n_train=lots", "model.arch=protopnett", "model.backbone.name=resnet81"], shrink=False)
+    cfg = make_cfg(
+        ["data.n_train=lots", "model.arch=protopnett", "model.backbone.name=resnet81"], shrink=False
+    )
     with pytest.raises(ConfigError) as e:
         validate_config(cfg)
     msg = str(e.value)
@@ -74,7 +76,10 @@ def test_override_key_typo_did_you_mean() -> None:
 def test_cli_reports_typo_before_any_work(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "trainer.max_epoch=1", f"paths.log_dir={tmp_path}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert out.returncode == 2
     assert "did you mean 'max_epochs'" in out.stderr
@@ -82,7 +87,9 @@ def test_cli_reports_typo_before_any_work(tmp_path: Path) -> None:
 
 
 def test_cli_help_lists_groups() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0
     for group in ("data", "model", "backbone", "trainer", "logger", "debug", "experiment"):
         assert f"{group}:" in out.stdout

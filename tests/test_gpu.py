@@ -10,9 +10,16 @@ import torch
 from interpzoo.run import train
 from tests.conftest import ROOT, TINY_DATA
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
-IMAGE_MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml") if p.stem not in ("senn_backbone", "baseline_mlp"))
+IMAGE_MODELS = sorted(
+    p.stem
+    for p in (ROOT / "conf" / "model").glob("*.yaml")
+    if p.stem not in ("senn_backbone", "baseline_mlp")
+)
 
 
 @pytest.mark.parametrize("model", IMAGE_MODELS)

@@ -40,12 +40,16 @@ def test_twonn_drops_duplicates() -> None:
 
 def test_optimizer_param_groups_and_errors() -> None:
     net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
-    opt = build_optimizer(net.named_parameters(), {"name": "adam", "lr": 1e-3, "param_groups": [{"params": "0.*", "lr": 1e-4}]})
+    opt = build_optimizer(
+        net.named_parameters(), {"name": "adam", "lr": 1e-3, "param_groups": [{"params": "0.*", "lr": 1e-4}]}
+    )
     assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-3]
     assert len(opt.param_groups[0]["params"]) == 2
     with pytest.raises(ValueError, match="did you mean 'adamw'"):
         build_optimizer(net.named_parameters(), {"name": "adamww"})
     with pytest.raises(ValueError, match="matches no trainable parameter"):
-        build_optimizer(net.named_parameters(), {"name": "sgd", "lr": 0.1, "param_groups": [{"params": "head.*"}]})
+        build_optimizer(
+            net.named_parameters(), {"name": "sgd", "lr": 0.1, "param_groups": [{"params": "head.*"}]}
+        )
     sched = build_scheduler(opt, {"name": "cosine"}, max_epochs=10)
     assert sched["scheduler"].T_max == 10 and sched["interval"] == "epoch"

@@ -18,10 +18,24 @@ def _files(d: Path) -> set[str]:
 
 
 def test_train_writes_everything_and_beats_chance(make_cfg, tmp_path) -> None:
-    cfg = make_cfg(["trainer.max_epochs=3", "data.n_train=600", "data.n_val=100", "data.n_test=200", "data.batch_size=32"])
+    cfg = make_cfg(
+        [
+            "trainer.max_epochs=3",
+            "data.n_train=600",
+            "data.n_val=100",
+            "data.n_test=200",
+            "data.batch_size=32",
+        ]
+    )
     metrics = train(cfg)
     files = _files(tmp_path)
-    assert {"config.yaml", "metrics.json", "bundle/config.json", "bundle/model.safetensors", "checkpoints/last.ckpt"} <= files
+    assert {
+        "config.yaml",
+        "metrics.json",
+        "bundle/config.json",
+        "bundle/model.safetensors",
+        "checkpoints/last.ckpt",
+    } <= files
     assert any(f.startswith("figures/") and f.endswith(".png") for f in files)
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk == pytest.approx(metrics)
@@ -39,7 +53,7 @@ def test_train_writes_everything_and_beats_chance(make_cfg, tmp_path) -> None:
 
 
 def test_every_checkpoint_loads_weights_only(make_cfg, tmp_path) -> None:
-    train(make_cfg(["trainer.max_epochs=1", "export=false", "report=false", *TINY_DATA]))
+    train(make_cfg(["model=baseline", "trainer.max_epochs=1", "export=false", "report=false", *TINY_DATA]))
     ckpts = list((tmp_path / "checkpoints").glob("*.ckpt"))
     assert ckpts
     for c in ckpts:
@@ -62,10 +76,31 @@ def test_eval_checkpoint_and_bundle_match_training(make_cfg, tmp_path) -> None:
 
 
 def test_resume_from_last_checkpoint(make_cfg, tmp_path) -> None:
-    train(make_cfg(["trainer.max_epochs=1", "export=false", "report=false", "test=false", *TINY_DATA]))
+    train(
+        make_cfg(
+            [
+                "model=baseline",
+                "trainer.max_epochs=1",
+                "export=false",
+                "report=false",
+                "test=false",
+                *TINY_DATA,
+            ]
+        )
+    )
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["epoch"] == 0
-    cfg = make_cfg(["trainer.max_epochs=2", "export=false", "report=false", "test=false", f"ckpt_path={last}", *TINY_DATA])
+    cfg = make_cfg(
+        [
+            "model=baseline",
+            "trainer.max_epochs=2",
+            "export=false",
+            "report=false",
+            "test=false",
+            f"ckpt_path={last}",
+            *TINY_DATA,
+        ]
+    )
     train(cfg)
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 1 and state["global_step"] == 2 * 6  # 192 / 32 = 6 steps per epoch
@@ -74,13 +109,24 @@ def test_resume_from_last_checkpoint(make_cfg, tmp_path) -> None:
 def test_resume_refuses_checkpoint_of_another_model(make_cfg, tmp_path) -> None:
     from models.checkpoint import CheckpointError
 
-    train(make_cfg(["trainer.max_epochs=1", "export=false", "report=false", "test=false", *TINY_DATA]))
+    train(
+        make_cfg(
+            [
+                "model=baseline",
+                "trainer.max_epochs=1",
+                "export=false",
+                "report=false",
+                "test=false",
+                *TINY_DATA,
+            ]
+        )
+    )
     last = tmp_path / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=True)
     ckpt["interpzoo"]["architecture"] = "protopnet"
     torch.save(ckpt, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match="was written by a 'protopnet' model"):
-        train(make_cfg([f"ckpt_path={tmp_path / 'other.ckpt'}", *TINY_DATA]))
+        train(make_cfg(["model=baseline", f"ckpt_path={tmp_path / 'other.ckpt'}", *TINY_DATA]))
 
 
 @pytest.mark.parametrize("preset", ["fdr", "limit", "overfit"])
@@ -102,7 +148,15 @@ def test_ddp_sim_two_processes(make_cfg, tmp_path) -> None:
 
 
 def test_all_loggers_offline(make_cfg, tmp_path) -> None:
-    cfg = make_cfg(["logger=many_loggers", "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "export=false", *TINY_DATA])
+    cfg = make_cfg(
+        [
+            "logger=many_loggers",
+            "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=2",
+            "export=false",
+            *TINY_DATA,
+        ]
+    )
     train(cfg)
     assert (tmp_path / "csv" / "metrics.csv").is_file()
     assert any((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
@@ -118,9 +172,20 @@ def test_multirun_from_command_line(tmp_path) -> None:
     from tests.conftest import ROOT
 
     out = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", "seed=0,1", "debug=fdr", *TINY_DATA,
-         f"paths.log_dir={tmp_path}", "hydra.sweep.dir=" + str(tmp_path / "sweep")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "seed=0,1",
+            "debug=fdr",
+            *TINY_DATA,
+            f"paths.log_dir={tmp_path}",
+            "hydra.sweep.dir=" + str(tmp_path / "sweep"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     results = sorted((tmp_path / "sweep").glob("*/metrics.json"))

@@ -52,7 +52,12 @@ K, M, D = 3, 2, 8
 
 def _net(seed: int = 0, **kw) -> ProtoPNet:
     torch.manual_seed(seed)
-    args = {"num_classes": K, "backbone": {"name": "resnet18s", "width": 4}, "prototypes_per_class": M, "prototype_dim": D}
+    args = {
+        "num_classes": K,
+        "backbone": {"name": "resnet18s", "width": 4},
+        "prototypes_per_class": M,
+        "prototype_dim": D,
+    }
     args.update(kw)
     return ProtoPNet(**args).eval()
 
@@ -289,7 +294,11 @@ def test_phases_warm_joint_push_last(tmp_path) -> None:
     dm.setup()
     torch.manual_seed(0)
     module = ProtoPNetModule(
-        model_args={"prototypes_per_class": 2, "prototype_dim": 16, "backbone": {"name": "resnet18s", "width": 4}},
+        model_args={
+            "prototypes_per_class": 2,
+            "prototype_dim": 16,
+            "backbone": {"name": "resnet18s", "width": 4},
+        },
         data_info=dm.data_info,
         optim={"joint": {"step_size": 2, "gamma": 0.5, "backbone": 1e-3}, "last": {"lr": 1e-2}},
         schedule={"warm_epochs": 1, "push_start": 3, "push_every": 3, "last_iters": 1},
@@ -297,9 +306,17 @@ def test_phases_warm_joint_push_last(tmp_path) -> None:
         metrics={"enabled": False},
     )
     snaps = _Snapshots()
-    trainer = pl.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[snaps],
-                         num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=5,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[snaps],
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=dm)
     assert [e["phase"] for e in module.plan] == ["warm", "joint", "joint", "joint", "last"]
     assert module.plan[3]["push"] and module.plan[3]["prune"]
@@ -348,7 +365,9 @@ def test_consistency_and_stability_by_hand() -> None:
     peaks = [[(0, 0), (3, 3), (0, 0)], [(0, 0), (0, 3), (0, 0)], [(0, 0), (0, 0), (2, 2)]]
     maps = _maps_with_peaks(peaks, 3)
     labels = torch.tensor([0, 0, 1])
-    landmarks = torch.tensor([[[4.0, 4.0], [28.0, 28.0]], [[3.0, 3.0], [28.0, 4.0]], [[20.0, 20.0], [1.0, 1.0]]])
+    landmarks = torch.tensor(
+        [[[4.0, 4.0], [28.0, 28.0]], [[3.0, 3.0], [28.0, 4.0]], [[20.0, 20.0], [1.0, 1.0]]]
+    )
     visible = torch.tensor([[True, True], [True, False], [True, True]])
     cons = PrototypeConsistency(classes, num_classes=2, num_parts=2)
     cons.update(maps, labels, landmarks, visible, (32, 32))
@@ -447,9 +466,20 @@ def test_fast_dev_run_pushes_and_logs_prototype_metrics(make_cfg, tmp_path) -> N
     from interpzoo.run import train
 
     metrics = train(make_cfg(["model=protopnet", "debug=fdr", *TINY_DATA]))
-    for key in ("val/acc", "val/acc_pushed", "val/push_gap", "val/prototype_unique", "val/prototype_consistency",
-                "test/prototype_stability", "val/prototype_part_purity", "val/prototype_class_purity",
-                "val/explanation_size", "val/global_size", "test/acc", "test/prototype_consistency"):
+    for key in (
+        "val/acc",
+        "val/acc_pushed",
+        "val/push_gap",
+        "val/prototype_unique",
+        "val/prototype_consistency",
+        "test/prototype_stability",
+        "val/prototype_part_purity",
+        "val/prototype_class_purity",
+        "val/explanation_size",
+        "val/global_size",
+        "test/acc",
+        "test/prototype_consistency",
+    ):
         assert key in metrics, key
     assert 0.0 < metrics["val/prototype_unique"] <= 1.0
     assert metrics["test/global_size"] == 100.0
@@ -460,8 +490,17 @@ def test_cub_recipe_composes_and_runs_fast_dev_run(make_cfg, tmp_path) -> None:
     from interpzoo.run import train
 
     root = make_fake_cub(tmp_path / "cub", n_classes=3, n_per_class=4, size=48)
-    cfg = make_cfg(["experiment=protopnet_cub_resnet34", "debug=fdr", f"data.root={root}", "data.image_size=64",
-                    "data.batch_size=4", "data.num_workers=0", "model.backbone.pretrained=false"])
+    cfg = make_cfg(
+        [
+            "experiment=protopnet_cub_resnet34",
+            "debug=fdr",
+            f"data.root={root}",
+            "data.image_size=64",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "model.backbone.pretrained=false",
+        ]
+    )
     assert cfg.model.loss.sep == -0.08 and cfg.model.optim.joint.backbone == 1e-4
     assert cfg.model.schedule.push_start == 10 and cfg.model.model_args.prototype_dim == 128
     assert cfg.trainer.max_epochs == 1  # fast_dev_run
@@ -470,13 +509,23 @@ def test_cub_recipe_composes_and_runs_fast_dev_run(make_cfg, tmp_path) -> None:
 
 
 def test_short_training_learns_exports_and_explains(make_cfg, tmp_path) -> None:
+    """joint, joint+push, last on 960 images (60 joint steps): learns, exports a pushed bundle, explains."""
     from interpzoo.run import train
     from models import load_checkpoint, load_pretrained
 
-    metrics = train(make_cfg(["model=protopnet", "trainer.max_epochs=3", "model.schedule.push_start=1",
-                              "model.schedule.push_every=1", "data.n_train=640", "data.n_val=128",
-                              "data.n_test=128", "data.batch_size=64"]))
-    assert metrics["test/acc"] > 0.3  # 10 classes: chance 0.1
+    metrics = train(
+        make_cfg(
+            [
+                "model=protopnet",
+                "trainer.max_epochs=3",
+                "data.n_train=960",
+                "data.n_val=128",
+                "data.n_test=128",
+                "data.batch_size=32",
+            ]
+        )
+    )
+    assert metrics["test/acc"] > 0.5  # 10 classes: chance 0.1 (0.90 measured)
     assert metrics["val/acc_pushed"] == pytest.approx(metrics["val/acc"])  # last epoch is a last-layer epoch
     figs = {p.name for p in (tmp_path / "figures").glob("*.png")}
     assert {"prototype_gallery.png", "this_looks_like_that.png"} <= figs
@@ -526,12 +575,19 @@ def test_push_under_two_process_ddp_equals_single_process(tmp_path) -> None:
     nn_ = nearest_patches(net, DataLoader(data, batch_size=4), k=3)
     single = net.state_dict()
     for r in ranks:
-        for key in ("prototype_layer.prototype_vectors", "push_source_index", "push_source_location",
-                    "push_act_box", "push_rf_box"):
+        for key in (
+            "prototype_layer.prototype_vectors",
+            "push_source_index",
+            "push_source_location",
+            "push_act_box",
+            "push_rf_box",
+        ):
             assert torch.allclose(r["state"][key].float(), single[key].float(), atol=1e-6), key
         assert torch.equal(r["nn"]["sample_id"], nn_["sample_id"])
-    assert torch.equal(ranks[0]["state"]["prototype_layer.prototype_vectors"],
-                       ranks[1]["state"]["prototype_layer.prototype_vectors"])
+    assert torch.equal(
+        ranks[0]["state"]["prototype_layer.prototype_vectors"],
+        ranks[1]["state"]["prototype_layer.prototype_vectors"],
+    )
 
 
 @pytest.mark.ddp
@@ -543,8 +599,16 @@ def test_lightning_ddp_sim_runs_every_phase_and_pushes_real_patches(make_cfg, tm
     from interpzoo.run import train
     from models import load_pretrained
 
-    cfg = make_cfg(["model=protopnet", "trainer=ddp_sim", "trainer.max_epochs=3", "model.schedule.warm_epochs=1",
-                    "report=false", *TINY_DATA])
+    cfg = make_cfg(
+        [
+            "model=protopnet",
+            "trainer=ddp_sim",
+            "trainer.max_epochs=3",
+            "model.schedule.warm_epochs=1",
+            "report=false",
+            *TINY_DATA,
+        ]
+    )
     metrics = train(cfg)
     assert "val/push_gap" in metrics and metrics["val/acc_pushed"] == pytest.approx(metrics["val/acc"])
     net = load_pretrained(tmp_path / "bundle")

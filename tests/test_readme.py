@@ -9,7 +9,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _commands(text: str) -> list[str]:
-    return [ln.strip() for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S) for ln in block.splitlines()]
+    return [
+        ln.strip()
+        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S)
+        for ln in block.splitlines()
+    ]
 
 
 def test_ci_runs_the_readme_test_command() -> None:

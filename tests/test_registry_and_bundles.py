@@ -117,7 +117,11 @@ def test_surgery_replaces_by_name_glob_and_type() -> None:
 
 @pytest.mark.parametrize(
     "x, msg",
-    [(torch.rand(3, 32, 32), "add a batch dimension"), (torch.rand(2, 32, 32, 3), "channels-last"), (torch.rand(2, 1, 32, 32), "expected 3 input channels")],
+    [
+        (torch.rand(3, 32, 32), "add a batch dimension"),
+        (torch.rand(2, 32, 32, 3), "channels-last"),
+        (torch.rand(2, 1, 32, 32), "expected 3 input channels"),
+    ],
 )
 def test_wrong_image_shape_errors(x: torch.Tensor, msg: str) -> None:
     net = create_model("baseline_resnet18s", num_classes=2, backbone={"width": 8})

@@ -82,14 +82,25 @@ def test_identity_concepts_constant_theta_zero_penalty_on_logits(method: str) ->
     out = net(x)
     scale = net.input_scale()
     for red in ("mean", "rms", "batch_fro"):
-        loss = robustness_loss(x, out.concepts, out.relevances, out.logits, target="logits", reduction=red,
-                               method=method, input_scale=scale)
+        loss = robustness_loss(
+            x,
+            out.concepts,
+            out.relevances,
+            out.logits,
+            target="logits",
+            reduction=red,
+            method=method,
+            input_scale=scale,
+        )
         # The cheap form never builds J_f - theta^T J_h, so it is exactly 0; the full formula
         # cancels two equal Jacobians and is 0 up to float round-off.
         assert loss.item() == 0.0 if method == "stopgrad" else abs(loss.item()) < 1e-6
     # The reference's log-prob target penalises even this exactly linear model: closed form
     # grad_z log p_c - theta_c = -sum_j p_j theta_j (input part), in normalised units.
-    res = robustness_residual(x, out.concepts, out.relevances, out.logits, target="log_probs", method=method) * scale
+    res = (
+        robustness_residual(x, out.concepts, out.relevances, out.logits, target="log_probs", method=method)
+        * scale
+    )
     p = out.logits.softmax(1).detach()
     theta = net.parametrizer.theta.detach()[:6]  # bias row has no input gradient
     expected = -(p @ theta.T)  # (B, d), identical for every class c
@@ -102,8 +113,15 @@ def test_identity_concepts_constant_theta_zero_penalty_on_logits(method: str) ->
 def test_cheap_penalty_equals_full_jacobian_and_brute_force(kind: str, target: str) -> None:
     torch.manual_seed(1)
     if kind == "image":
-        net = create_model("senn", num_classes=4, in_chans=1, image_size=16, mean=[0.4], std=[0.3],
-                           conceptizer={"type": "cnn_ae", "n_concepts": 3})
+        net = create_model(
+            "senn",
+            num_classes=4,
+            in_chans=1,
+            image_size=16,
+            mean=[0.4],
+            std=[0.3],
+            conceptizer={"type": "cnn_ae", "n_concepts": 3},
+        )
         x = torch.rand(3, 1, 16, 16)
     else:
         net = _tabular_net(conceptizer={"type": "mlp_ae", "n_concepts": 4})
@@ -121,12 +139,15 @@ def test_cheap_penalty_equals_full_jacobian_and_brute_force(kind: str, target: s
     # reductions, computed by hand from the brute-force residual
     per = brute.flatten(1).norm(dim=1)
     kw = dict(target=target, method="stopgrad")
-    assert robustness_loss(x, out.concepts, out.relevances, out.logits, reduction="mean", **kw).item() == pytest.approx(
-        per.mean().item(), rel=1e-4)
-    assert robustness_loss(x, out.concepts, out.relevances, out.logits, reduction="batch_fro", **kw).item() == (
-        pytest.approx(brute.norm().item(), rel=1e-4))
-    assert robustness_loss(x, out.concepts, out.relevances, out.logits, reduction="rms", **kw).item() == pytest.approx(
-        brute.norm().item() / x.shape[0] ** 0.5, rel=1e-4)
+    assert robustness_loss(
+        x, out.concepts, out.relevances, out.logits, reduction="mean", **kw
+    ).item() == pytest.approx(per.mean().item(), rel=1e-4)
+    assert robustness_loss(
+        x, out.concepts, out.relevances, out.logits, reduction="batch_fro", **kw
+    ).item() == (pytest.approx(brute.norm().item(), rel=1e-4))
+    assert robustness_loss(
+        x, out.concepts, out.relevances, out.logits, reduction="rms", **kw
+    ).item() == pytest.approx(brute.norm().item() / x.shape[0] ** 0.5, rel=1e-4)
 
 
 @pytest.mark.parametrize("target", ["logits", "log_probs"])
@@ -139,8 +160,15 @@ def test_cheap_penalty_gives_the_same_parameter_gradients(target: str) -> None:
         net.zero_grad()
         xx = x.clone().requires_grad_(True)
         out = net(xx)
-        robustness_loss(xx, out.concepts, out.relevances, out.logits, target=target, method=method,
-                        input_scale=net.input_scale()).backward()
+        robustness_loss(
+            xx,
+            out.concepts,
+            out.relevances,
+            out.logits,
+            target=target,
+            method=method,
+            input_scale=net.input_scale(),
+        ).backward()
         grads[method] = [p.grad.clone() for p in net.parameters() if p.grad is not None]
     assert len(grads["stopgrad"]) == len(grads["jacobian"]) > 0
     assert any(g.abs().sum() > 0 for g in grads["stopgrad"][:2])  # the conceptizer's encoder is trained
@@ -169,14 +197,21 @@ def test_penalty_needs_input_grad_and_reductions_are_batch_size_free() -> None:
 def test_batchnorm_policies() -> None:
     x = torch.rand(2, 3, 16, 16)
     # default: BatchNorms of the trunk become GroupNorms, so per-sample Jacobians stay exact
-    net = create_model("senn_resnet18s", num_classes=3, in_chans=3, image_size=16, backbone={"name": "resnet18s", "width": 8})
+    net = create_model(
+        "senn_resnet18s", num_classes=3, in_chans=3, image_size=16, backbone={"name": "resnet18s", "width": 8}
+    )
     assert not [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert any(isinstance(m, nn.GroupNorm) for m in net.modules())
     # keep: the loss refuses to run in training mode, naming the fix
     from models.senn import SENNModule
 
-    mod = SENNModule(arch="senn_resnet18s", model_args={"batchnorm": "keep"}, backbone={"name": "resnet18s", "width": 8},
-                     data_info={"num_classes": 3, "in_chans": 3, "image_size": [16, 16]}, lipschitz={"points": 0})
+    mod = SENNModule(
+        arch="senn_resnet18s",
+        model_args={"batchnorm": "keep"},
+        backbone={"name": "resnet18s", "width": 8},
+        data_info={"num_classes": 3, "in_chans": 3, "image_size": [16, 16]},
+        lipschitz={"points": 0},
+    )
     mod.train()
     xx = x.clone().requires_grad_(True)
     with pytest.raises(BatchCouplingError, match="groupnorm"):
@@ -184,8 +219,15 @@ def test_batchnorm_policies() -> None:
     mod.eval()  # eval-mode BatchNorm is per-sample: allowed
     assert mod.robustness_penalty(xx, mod.net(xx), create_graph=False).item() >= 0
     # frozen: running statistics even in training mode, and the cheap penalty matches brute force
-    frozen = create_model("senn_resnet18s", num_classes=3, in_chans=3, image_size=16, batchnorm="frozen",
-                          backbone={"name": "resnet18s", "width": 8}, parametrizer={"type": "backbone", "dropout": 0.0})
+    frozen = create_model(
+        "senn_resnet18s",
+        num_classes=3,
+        in_chans=3,
+        image_size=16,
+        batchnorm="frozen",
+        backbone={"name": "resnet18s", "width": 8},
+        parametrizer={"type": "backbone", "dropout": 0.0},
+    )
     frozen.train()
     bns = [m for m in frozen.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert bns and not any(m.training for m in bns)
@@ -218,11 +260,15 @@ def test_intervening_on_zero_relevance_concept_leaves_probability_unchanged() ->
     net = _tabular_net(k_classes=2, single_logit_binary=True, conceptizer={"type": "input"}).eval()
     x = torch.randn(6, 6)
     with torch.no_grad():
-        net.parametrizer.head.weight[3::net.n_concepts].zero_()  # concept 3's relevance (one output per concept)
+        net.parametrizer.head.weight[
+            3 :: net.n_concepts
+        ].zero_()  # concept 3's relevance (one output per concept)
         net.parametrizer.head.bias[3] = 0.0
         out = net(x)
     assert torch.all(out.relevances[:, 3] == 0)
-    torch.testing.assert_close(out.logits.softmax(1)[:, 1], torch.sigmoid(out.logits[:, 1] - out.logits[:, 0]))
+    torch.testing.assert_close(
+        out.logits.softmax(1)[:, 1], torch.sigmoid(out.logits[:, 1] - out.logits[:, 0])
+    )
     delta, _, _ = concept_intervention_deltas(out.concepts, out.relevances)
     assert torch.all(delta[:, 3] == 0) and delta[:, :3].abs().min() > 0
 
@@ -295,11 +341,15 @@ def test_lipschitz_of_linear_theta_is_bounded_by_its_spectral_norm() -> None:
     x = torch.randn(4, 6)
     scale = net.input_scale()
     sampled = local_lipschitz(net, x, range(4), method="sample", eps=0.05, scale=scale, samples=32)
-    ascended = local_lipschitz(net, x, range(4), method="gradient", eps=0.05, scale=scale, steps=30, step_size=0.1)
+    ascended = local_lipschitz(
+        net, x, range(4), method="gradient", eps=0.05, scale=scale, steps=30, step_size=0.1
+    )
     assert torch.all(sampled <= sigma * (1 + 1e-4)) and torch.all(ascended <= sigma * (1 + 1e-4))
     assert torch.all(ascended >= 0.5 * sigma)
     # input mode divides by the normalised input distance: identical here (h = z)
-    torch.testing.assert_close(local_lipschitz(net, x, range(4), mode="input", eps=0.05, scale=scale, samples=32), sampled)
+    torch.testing.assert_close(
+        local_lipschitz(net, x, range(4), mode="input", eps=0.05, scale=scale, samples=32), sampled
+    )
     # seeded per key: the same point gets the same estimate in another batch
     again = local_lipschitz(net, x[2:3], [2], method="sample", eps=0.05, scale=scale, samples=32)
     torch.testing.assert_close(again, sampled[2:3])
@@ -316,4 +366,8 @@ def test_concept_statistics_metrics() -> None:
     lip = LocalLipschitz()
     lip.update(torch.tensor([1.0, 3.0, float("nan")]))
     res = lip.compute()
-    assert res["mean"].item() == 2.0 and res["max"].item() == 3.0 and res["undefined"].item() == pytest.approx(1 / 3)
+    assert (
+        res["mean"].item() == 2.0
+        and res["max"].item() == 3.0
+        and res["undefined"].item() == pytest.approx(1 / 3)
+    )

@@ -104,8 +104,17 @@ def test_csv_short_form_on_the_command_line(make_cfg, tmp_path: Path) -> None:
 
     path = tmp_path / "table.csv"
     _write_csv(path, n=150)
-    overrides = ["model=senn", "data=csv", f"path={path}", "target=label", "data.drop=[id]", "trainer.max_epochs=2",
-                 "data.batch_size=32", "report=false", *FAST]
+    overrides = [
+        "model=senn",
+        "data=csv",
+        f"path={path}",
+        "target=label",
+        "data.drop=[id]",
+        "trainer.max_epochs=2",
+        "data.batch_size=32",
+        "report=false",
+        *FAST,
+    ]
     check_override_keys(CONF_DIR, "train", overrides)  # the did-you-mean pre-check accepts path=/target=
     cfg = make_cfg(overrides)
     assert cfg.data.path == str(path) and cfg.data.target == "label"
@@ -116,8 +125,20 @@ def test_csv_short_form_on_the_command_line(make_cfg, tmp_path: Path) -> None:
 
 
 def test_compas_recipe_on_a_file_in_its_format(make_cfg, tmp_path: Path) -> None:
-    cols = ["Two_yr_Recidivism", "Number_of_Priors", "score_factor", "Age_Above_FourtyFive", "Age_Below_TwentyFive",
-            "African_American", "Asian", "Hispanic", "Native_American", "Other", "Female", "Misdemeanor"]
+    cols = [
+        "Two_yr_Recidivism",
+        "Number_of_Priors",
+        "score_factor",
+        "Age_Above_FourtyFive",
+        "Age_Below_TwentyFive",
+        "African_American",
+        "Asian",
+        "Hispanic",
+        "Native_American",
+        "Other",
+        "Female",
+        "Misdemeanor",
+    ]
     rng = np.random.default_rng(0)
     path = tmp_path / "propublica_data_for_fairml.csv"
     with path.open("w", newline="") as f:
@@ -129,8 +150,16 @@ def test_compas_recipe_on_a_file_in_its_format(make_cfg, tmp_path: Path) -> None
             row["Number_of_Priors"] = priors
             row["score_factor"] = int(priors + 2 * row["Age_Below_TwentyFive"] + rng.normal() > 3)
             w.writerow([row[c] for c in cols])
-    cfg = make_cfg(["experiment=senn_compas", f"path={path}", "trainer.max_epochs=2", "data.batch_size=50",
-                    "report=false", *FAST])
+    cfg = make_cfg(
+        [
+            "experiment=senn_compas",
+            f"path={path}",
+            "trainer.max_epochs=2",
+            "data.batch_size=50",
+            "report=false",
+            *FAST,
+        ]
+    )
     assert cfg.data.target == "score_factor" and cfg.model.model_args.single_logit_binary
     train(cfg)
     net = load_pretrained(tmp_path / "bundle")
@@ -150,8 +179,16 @@ def test_debug_fdr_partshapes(make_cfg) -> None:
 def test_breast_cancer_learns_explains_and_round_trips(make_cfg, tmp_path: Path) -> None:
     metrics = train(make_cfg(["model=senn", "data=breast_cancer", "trainer.max_epochs=4", *FAST]))
     assert metrics["test/acc"] > 0.85
-    for key in ("val/robustness", "val/faithfulness", "val/faithfulness_median", "val/faithfulness_input",
-                "test/lipschitz", "test/lipschitz_max", "test/dead_concepts", "test/concept_sparsity"):
+    for key in (
+        "val/robustness",
+        "val/faithfulness",
+        "val/faithfulness_median",
+        "val/faithfulness_input",
+        "test/lipschitz",
+        "test/lipschitz_max",
+        "test/dead_concepts",
+        "test/concept_sparsity",
+    ):
         assert key in metrics and np.isfinite(metrics[key]), key
     assert metrics["val/robustness"] > 0
     figures = {p.name for p in (tmp_path / "figures").glob("*.png")}
@@ -164,12 +201,26 @@ def test_breast_cancer_learns_explains_and_round_trips(make_cfg, tmp_path: Path)
     x = torch.randn(3, 30) * 5 + 10
     a, b = net_ckpt.explain(x), net_bundle.explain(x)
     torch.testing.assert_close(a["relevances"], b["relevances"])
-    torch.testing.assert_close(a["contributions"].sum(1), net_bundle(x).logits.gather(1, b["prediction"][:, None])[:, 0])
+    torch.testing.assert_close(
+        a["contributions"].sum(1), net_bundle(x).logits.gather(1, b["prediction"][:, None])[:, 0]
+    )
 
 
 def test_partshapes_learned_concepts_learn(make_cfg, tmp_path: Path) -> None:
-    metrics = train(make_cfg(["model=senn", "trainer.max_epochs=2", "data.n_train=400", "data.n_val=64",
-                              "data.n_test=128", "data.batch_size=32", "model.robustness_lambda=1e-3", *FAST]))
+    metrics = train(
+        make_cfg(
+            [
+                "model=senn",
+                "trainer.max_epochs=2",
+                "data.n_train=400",
+                "data.n_val=64",
+                "data.n_test=128",
+                "data.batch_size=32",
+                "model.robustness_lambda=1e-3",
+                *FAST,
+            ]
+        )
+    )
     assert metrics["test/acc"] > 0.4  # 10 classes: chance is 0.1 (about 0.9 after 3 epochs on 600 images)
     assert np.isfinite(metrics["test/reconstruction_mse"]) and np.isfinite(metrics["test/lipschitz"])
     assert (tmp_path / "figures" / "senn_concept_prototypes.png").is_file()
@@ -189,13 +240,23 @@ def _metric_worker(rank: int, world: int, port: int, data: dict) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        faith, lip, dead, sparse = MeanScore(), LocalLipschitz(), DeadConcepts(data["h"].shape[1]), ConceptSparsity()
+        faith, lip, dead, sparse = (
+            MeanScore(),
+            LocalLipschitz(),
+            DeadConcepts(data["h"].shape[1]),
+            ConceptSparsity(),
+        )
         part = slice(rank, None, world)
         faith.update(data["scores"][part])
         lip.update(data["lips"][part])
         dead.update(data["h"][part])
         sparse.update(data["h"][part])
-        got = {"faith": faith.compute(), "lip": lip.compute(), "dead": dead.compute(), "sparse": sparse.compute()}
+        got = {
+            "faith": faith.compute(),
+            "lip": lip.compute(),
+            "dead": dead.compute(),
+            "sparse": sparse.compute(),
+        }
         exp = data["expected"]
         assert torch.allclose(got["faith"], exp["faith"]), (got["faith"], exp["faith"])
         for k in ("mean", "max", "undefined"):
@@ -217,8 +278,12 @@ def test_metrics_reduce_exactly_over_two_gloo_processes() -> None:
     h[:, 2] = 0.0
     h[::2, 4] = 1e-5
     expected = {}
-    for name, metric, arg in (("faith", MeanScore(), scores), ("lip", LocalLipschitz(), lips),
-                              ("dead", DeadConcepts(6), h), ("sparse", ConceptSparsity(), h)):
+    for name, metric, arg in (
+        ("faith", MeanScore(), scores),
+        ("lip", LocalLipschitz(), lips),
+        ("dead", DeadConcepts(6), h),
+        ("sparse", ConceptSparsity(), h),
+    ):
         metric.update(arg)
         expected[name] = metric.compute()
     assert expected["dead"].item() == pytest.approx(1 / 6)
@@ -228,11 +293,26 @@ def test_metrics_reduce_exactly_over_two_gloo_processes() -> None:
 
 @pytest.mark.ddp
 def test_ddp_training_and_metrics_match_one_process(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg(["model=senn", "data=wine", "trainer=ddp_sim", "trainer.max_epochs=1", "data.batch_size=32",
-                    "report=false", "export=false", "callbacks.intrinsic_dim.stages=[]", *FAST])
+    cfg = make_cfg(
+        [
+            "model=senn",
+            "data=wine",
+            "trainer=ddp_sim",
+            "trainer.max_epochs=1",
+            "data.batch_size=32",
+            "report=false",
+            "export=false",
+            "callbacks.intrinsic_dim.stages=[]",
+            *FAST,
+        ]
+    )
     metrics = train(cfg)
-    assert {"test/acc", "test/lipschitz", "test/faithfulness", "test/dead_concepts", "val/robustness"} <= set(metrics)
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4  # 128 rows / (2 ranks x 16)
+    assert {"test/acc", "test/lipschitz", "test/faithfulness", "test/dead_concepts", "val/robustness"} <= set(
+        metrics
+    )
+    assert (
+        torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    )  # 128 rows / (2 ranks x 16)
 
     # Recompute the test metrics in this single process from the tested weights.
     from hydra.utils import instantiate
@@ -255,18 +335,35 @@ def test_ddp_training_and_metrics_match_one_process(make_cfg, tmp_path: Path) ->
     idx = fixed_subset_indices(len(dm.test_set), 32, 0)
     lips = module.lipschitz_estimates(dm.test_set, idx)["combined"]
     assert metrics["test/lipschitz"] == pytest.approx(float(lips.mean()), rel=1e-5)
-    assert metrics["test/lipschitz_max"] == pytest.approx(float(lips.max()), rel=1e-5)  # max-reduced over ranks
+    assert metrics["test/lipschitz_max"] == pytest.approx(
+        float(lips.max()), rel=1e-5
+    )  # max-reduced over ranks
 
 
 @pytest.mark.slow
 def test_lambda_sweep_multirun(tmp_path: Path) -> None:
     """``-m model.robustness_lambda=...`` runs one job per value (Hydra multirun through train.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "model=senn", "data=wine", "model.robustness_lambda=0,1",
-           "trainer.max_epochs=1", "logger=csv", "report=false", "export=false",
-           "model.lipschitz.points=16", f"paths.log_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "model=senn",
+        "data=wine",
+        "model.robustness_lambda=0,1",
+        "trainer.max_epochs=1",
+        "logger=csv",
+        "report=false",
+        "export=false",
+        "model.lipschitz.points=16",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
     subprocess.run(cmd, check=True, cwd=tmp_path, env=env, capture_output=True, timeout=400)
     found = sorted((tmp_path / "sweep").rglob("metrics.json"))
     assert len(found) == 2
-    lam = [json.loads((p.parent / "config.yaml").read_text().split("robustness_lambda:")[1].split("\n")[0]) for p in found]
+    lam = [
+        json.loads((p.parent / "config.yaml").read_text().split("robustness_lambda:")[1].split("\n")[0])
+        for p in found
+    ]
     assert sorted(lam) == [0, 1]

@@ -243,7 +243,9 @@ def test_psnr_ssim_sanity() -> None:
     assert abs(float(psnr(noisy, x)) - 20.0) < 0.2  # 10 log10(1 / 0.1^2)
     assert abs(float(ssim(x, x)) - 1.0) < 1e-6
     assert float(ssim(noisy.clamp(0, 1), x)) == pytest.approx(_ssim_reference(noisy.clamp(0, 1), x), abs=1e-5)
-    assert float(ssim((x + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1), x)) < float(ssim(noisy.clamp(0, 1), x))
+    assert float(ssim((x + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1), x)) < float(
+        ssim(noisy.clamp(0, 1), x)
+    )
     with pytest.raises(ValueError, match="11x11"):
         ssim(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8))
 
@@ -257,7 +259,11 @@ def test_matched_models_and_shapes() -> None:
     wav = create_model("softae_wavelet", in_chans=1, skip=True)
     out = wav(torch.rand(2, 1, 33, 30))  # odd sizes survive the stride-2 pyramid
     assert out.reconstruction.shape == (2, 1, 33, 30)
-    assert [tuple(z.shape[-2:]) for z in out.codes.values()] == [(20, 16), (10, 8), (5, 4)]  # padded to 40 x 32
+    assert [tuple(z.shape[-2:]) for z in out.codes.values()] == [
+        (20, 16),
+        (10, 8),
+        (5, 4),
+    ]  # padded to 40 x 32
     with pytest.raises(ValueError, match="expected 1 input channels"):
         wav(torch.rand(2, 3, 16, 16))
     with pytest.raises(ValueError, match="one value per stage"):
@@ -352,9 +358,16 @@ def test_fast_dev_run_softae(make_cfg) -> None:
     from interpzoo.run import train
 
     metrics = train(make_cfg(["model=softae", "debug=fdr", *DENOISE_DATA]))
-    for key in ("test/psnr", "test/ssim", "test/psnr_noisy", "test/code_sparsity/stage1",
-                "test/hoyer_sparsity/stage3", "test/dead_units/stage2", "test/threshold_mean/stage1",
-                "test/threshold_pixel/stage1"):
+    for key in (
+        "test/psnr",
+        "test/ssim",
+        "test/psnr_noisy",
+        "test/code_sparsity/stage1",
+        "test/hoyer_sparsity/stage3",
+        "test/dead_units/stage2",
+        "test/threshold_mean/stage1",
+        "test/threshold_pixel/stage1",
+    ):
         assert key in metrics and math.isfinite(metrics[key]), key
 
 
@@ -371,17 +384,38 @@ def test_fast_dev_run_rgb_image_folder(make_cfg, tmp_path) -> None:
     from interpzoo.run import train
 
     root = make_fake_image_folder(tmp_path / "images", n_per_class=4)
-    metrics = train(make_cfg(["model=softae", "data=imagefolder", f"data.root={root}", "data.image_size=24",
-                              "data.num_workers=0", "data.batch_size=4", "debug=fdr"]))
+    metrics = train(
+        make_cfg(
+            [
+                "model=softae",
+                "data=imagefolder",
+                f"data.root={root}",
+                "data.image_size=24",
+                "data.num_workers=0",
+                "data.batch_size=4",
+                "debug=fdr",
+            ]
+        )
+    )
     assert math.isfinite(metrics["test/psnr"]) and "test/threshold_pixel/stage1" in metrics
 
 
 def test_short_run_learns_and_writes_report(make_cfg, tmp_path) -> None:
     from interpzoo.run import train
 
-    cfg = make_cfg(["model=softae", "logger=none", "callbacks=none", "trainer.max_epochs=3", *CHEAP_MODEL,
-                    "model.optimizer.lr=0.003",
-                    *DENOISE_DATA, "data.n_train=256", "data.batch_size=16"])
+    cfg = make_cfg(
+        [
+            "model=softae",
+            "logger=none",
+            "callbacks=none",
+            "trainer.max_epochs=3",
+            *CHEAP_MODEL,
+            "model.optimizer.lr=0.003",
+            *DENOISE_DATA,
+            "data.n_train=256",
+            "data.batch_size=16",
+        ]
+    )
     metrics = train(cfg)
     assert metrics["test/psnr"] > metrics["test/psnr_noisy"] + 3, metrics
     assert 0 < metrics["test/code_sparsity/stage3"] < 1
@@ -396,13 +430,34 @@ def test_ddp_sim_matches_single_process_evaluation(make_cfg, tmp_path) -> None:
     from interpzoo.run import evaluate, train
 
     common = ["model=softae", *CHEAP_MODEL, *DENOISE_DATA]
-    ddp = train(make_cfg([*common, "trainer=ddp_sim", "trainer.max_epochs=1", "test=false", "report=false",
-                          "export=false", "logger=none", "callbacks=model_checkpoint"]))
+    ddp = train(
+        make_cfg(
+            [
+                *common,
+                "trainer=ddp_sim",
+                "trainer.max_epochs=1",
+                "test=false",
+                "report=false",
+                "export=false",
+                "logger=none",
+                "callbacks=model_checkpoint",
+            ]
+        )
+    )
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["noise_std"] == pytest.approx(25 / 255)
     # validation ran after the last training step, so the checkpoint holds the weights it measured
-    single = evaluate(make_cfg(["logger=none", f"ckpt_path={ckpt}", "split=val", *DENOISE_DATA], config_name="eval"))
+    single = evaluate(
+        make_cfg(["logger=none", f"ckpt_path={ckpt}", "split=val", *DENOISE_DATA], config_name="eval")
+    )
     # index-seeded noise + sum-reduced metric states: 2 ranks and 1 process see the same images
-    for key in ("val/psnr", "val/psnr_noisy", "val/ssim", "val/code_sparsity/stage1", "val/hoyer_sparsity/stage2",
-                "val/dead_units/stage3", "val/threshold_pixel/stage1"):
+    for key in (
+        "val/psnr",
+        "val/psnr_noisy",
+        "val/ssim",
+        "val/code_sparsity/stage1",
+        "val/hoyer_sparsity/stage2",
+        "val/dead_units/stage3",
+        "val/threshold_pixel/stage1",
+    ):
         assert ddp[key] == pytest.approx(single[key], rel=1e-4, abs=1e-5), key
