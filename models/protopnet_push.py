@@ -149,6 +149,14 @@ def gather_candidates(cand: PushCandidates) -> PushCandidates:
     return merge_candidates(gathered)
 
 
+def _progress(batches: Iterable[Any], description: str) -> Iterable[Any]:
+    """A progress bar on rank 0 only (push can take minutes on real data)."""
+    from rich.progress import track
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return track(batches, description=description, total=total, disable=dist_info()[0] != 0, transient=True)
+
+
 @torch.no_grad()
 def scan_push_candidates(
     net: ProtoPNet,
@@ -164,7 +172,7 @@ def scan_push_candidates(
     classes = net.prototype_classes.to(device)
     ph, pw = net.prototype_layer.hw
     cand: PushCandidates | None = None
-    for bi, batch in enumerate(batches):
+    for bi, batch in enumerate(_progress(batches, "push: scanning training patches")):
         if max_batches is not None and bi >= max_batches:
             break
         if "index" not in batch:
@@ -305,7 +313,7 @@ def nearest_patches(
     best_i = torch.zeros((p, 0), dtype=torch.long, device=device)
     best_y = torch.zeros((p, 0), dtype=torch.long, device=device)
     try:
-        for bi, batch in enumerate(loader):
+        for bi, batch in enumerate(_progress(loader, "prototypes: nearest patches")):
             if max_batches is not None and bi >= max_batches:
                 break
             _, d = net.push_forward(batch["image"].to(device))
