@@ -10,6 +10,7 @@ from torch import nn
 
 from layers.normalize import InputNormalize
 from models.backbones import backbone_from_config, list_backbones
+from models.explain import ClassifierExplanation, explain_classifier
 from models.outputs import ClassifierOutput
 from models.registry import register_architecture, register_model
 
@@ -54,6 +55,10 @@ class BaselineNet(nn.Module):
         logits = self.classifier(self.dropout(self.pool(feats).flatten(1)))
         return ClassifierOutput(logits=logits, features=feats)
 
+    def explain(self, x: torch.Tensor) -> ClassifierExplanation:
+        """A black box explains nothing: logits and probabilities (:mod:`models.explain`)."""
+        return explain_classifier(self, x)
+
 
 @register_architecture("baseline_mlp")
 class BaselineMLP(nn.Module):
@@ -88,6 +93,10 @@ class BaselineMLP(nn.Module):
             raise ValueError(f"expected tabular input (B, {self.num_features}), got {tuple(x.shape)}")
         feats = self.body(self.normalize(x))
         return ClassifierOutput(logits=self.classifier(feats), features=feats)
+
+    def explain(self, x: torch.Tensor) -> ClassifierExplanation:
+        """Logits and probabilities (:mod:`models.explain`)."""
+        return explain_classifier(self, x)
 
 
 def check_image_input(x: torch.Tensor, in_chans: int) -> None:

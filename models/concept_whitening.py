@@ -41,6 +41,7 @@ from layers.concept_whitening import (
 from layers.normalize import InputNormalize
 from models.backbones import backbone_from_config, list_backbones
 from models.baseline import check_image_input
+from models.explain import ConceptWhiteningExplanation, explain_concept_whitening
 from models.lit_base import ClassificationModule
 from models.outputs import ClassifierOutput, NetworkOutput
 from models.registry import register_architecture, register_model
@@ -320,6 +321,10 @@ class ConceptWhiteningNet(nn.Module):
         logits = self.classifier(self.dropout(self.pool(feats).flatten(1)))
         acts = pool_axes(z[:, : len(self.concepts)], self.activation_mode)
         return ConceptWhiteningOutput(logits=logits, features=feats, concept_activations=acts, whitened=z)
+
+    def explain(self, x: torch.Tensor) -> ConceptWhiteningExplanation:
+        """Concept-axis activations of the first whitened layer, by concept name (:mod:`models.explain`)."""
+        return explain_concept_whitening(self, x)
 
     @torch.no_grad()
     def concept_forward(self, x: torch.Tensor, axis: int) -> None:

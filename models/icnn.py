@@ -56,6 +56,7 @@ from metrics.icnn import LocationInstability, part_dissection, part_filter_figur
 from models.backbones import _SPECS, backbone_from_config, list_backbones
 from models.baseline import check_image_input
 from models.errors import did_you_mean
+from models.explain import ICNNExplanation, explain_icnn
 from models.lit_base import ClassificationModule
 from models.outputs import ClassifierOutput
 from models.registry import register_architecture, register_model
@@ -289,6 +290,10 @@ class ICNNNet(nn.Module):
             part_features=part_features,
             part_masks=part_masks,
         )
+
+    def explain(self, x: torch.Tensor, layer: str | None = None) -> ICNNExplanation:
+        """Each part filter's map and its strongest unit's image position (:mod:`models.explain`)."""
+        return explain_icnn(self, x, layer)
 
 
 for _bb in list_backbones():

@@ -30,6 +30,7 @@ from layers.normalize import InputNormalize
 from layers.prototype import PrototypeLayer
 from models.backbones import backbone_from_config, list_backbones
 from models.baseline import check_image_input
+from models.explain import Explanation, draw_prototype_explanation
 from models.outputs import ClassifierOutput
 from models.registry import register_architecture, register_model
 
@@ -63,7 +64,7 @@ class ProtoPNetOutput(ClassifierOutput):
 
 
 @dataclass
-class PrototypeExplanation:
+class PrototypeExplanation(Explanation):
     """ "This looks like that" for one image: the prototypes contributing most to one class logit.
 
     Attributes:
@@ -94,6 +95,10 @@ class PrototypeExplanation:
     rf_boxes: torch.Tensor
     source_index: torch.Tensor
     source_boxes: torch.Tensor
+
+    def _draw(self, ax: Any, image: torch.Tensor | None = None) -> None:
+        # plot(image=x[i]) draws the boxes on the image, plot() the contributions
+        draw_prototype_explanation(self, ax, image)
 
 
 def _pair(v: Any) -> tuple[int, int]:

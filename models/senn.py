@@ -62,6 +62,7 @@ from metrics.senn import (
 )
 from models.backbones import backbone_from_config, list_backbones
 from models.errors import did_you_mean
+from models.explain import SENNExplanation
 from models.lit_base import ClassificationModule, batch_input
 from models.outputs import ClassifierOutput
 from models.registry import register_architecture, register_model
@@ -317,24 +318,26 @@ class SENN(nn.Module):
         )
 
     @torch.no_grad()
-    def explain(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def explain(self, x: torch.Tensor) -> SENNExplanation:
         """Prediction and explanation of ``x`` (eval mode is the caller's choice).
 
         Returns ``prediction`` ``(B,)``, ``probabilities`` ``(B, C)``, ``concepts`` ``(B, k)``,
         ``relevances`` ``(B, k, C)``, ``relevance`` ``(B, k)`` = theta for the predicted class and
-        ``contributions`` ``(B, k)`` = ``relevance * concepts`` (they sum to the predicted logit).
+        ``contributions`` ``(B, k)`` = ``relevance * concepts`` (they sum to the predicted logit), as a
+        :class:`models.explain.SENNExplanation` (also indexable by these names, like a dict).
         """
         out = self(x)
         pred = out.logits.argmax(1)
         rel = out.relevances.gather(2, pred[:, None, None].expand(-1, out.relevances.shape[1], 1)).squeeze(2)
-        return {
-            "prediction": pred,
-            "probabilities": out.logits.softmax(1),
-            "concepts": out.concepts,
-            "relevances": out.relevances,
-            "relevance": rel,
-            "contributions": rel * out.concepts,
-        }
+        return SENNExplanation(
+            prediction=pred,
+            probabilities=out.logits.softmax(1),
+            concepts=out.concepts,
+            relevances=out.relevances,
+            relevance=rel,
+            contributions=rel * out.concepts,
+            concept_names=self.concept_names(),
+        )
 
     def concept_names(self, feature_names: Sequence[str] | None = None) -> list[str]:
         """Readable concept names: feature names (+ ``bias``) for input concepts, else ``concept i``."""

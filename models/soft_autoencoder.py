@@ -39,6 +39,7 @@ from layers.normalize import InputNormalize
 from layers.soft_threshold import THRESHOLD_PARAMS, SoftThreshold
 from metrics.soft_autoencoder import CodeStatistics
 from models.baseline import check_image_input
+from models.explain import SoftAEExplanation, explain_soft_autoencoder
 from models.lit_base import ReconstructionModule, batch_input
 from models.outputs import NetworkOutput, ReconstructionOutput
 from models.registry import register_architecture, register_model
@@ -265,6 +266,10 @@ class SoftAutoencoder(nn.Module):
         mean, std = self.normalize.mean.view(1, -1, 1, 1), self.normalize.std.view(1, -1, 1, 1)
         recon = (y * std.to(y.dtype) + mean.to(y.dtype))[..., :height, :width]
         return ReconstructionOutput(reconstruction=recon, codes=dict(zip(self.stage_names, codes)))
+
+    def explain(self, x: torch.Tensor) -> SoftAEExplanation:
+        """Per-stage codes and their sparsity (:mod:`models.explain`)."""
+        return explain_soft_autoencoder(self, x)
 
 
 register_model("softae", "soft_autoencoder", activation="soft", stride=1)

@@ -1,0 +1,215 @@
+"""Re-create the shipped pretrained bundles in ``models/pretrained/`` and print the README zoo table.
+
+Each recipe is a list of ``train.py`` overrides on data that ships offline (PartShapes, scikit-learn
+digits / breast_cancer). A recipe is trained with :func:`interpzoo.api.run_training` in a temporary
+folder; its exported bundle is copied to ``models/pretrained/<name>/`` and its ``config.json`` gets the
+exact ``python train.py ...`` command (``recipe``), the seed and the measured test metrics.
+
+    python benchmarks/make_zoo.py                      # re-create every bundle (a few CPU minutes)
+    python benchmarks/make_zoo.py --only 'cw_*'        # a subset (glob on bundle names)
+    python benchmarks/make_zoo.py --table              # the markdown zoo table from the shipped bundles
+    python benchmarks/make_zoo.py --table --write-readme   # ... and put it into README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PRETRAINED = ROOT / "models" / "pretrained"
+README = ROOT / "README.md"
+TABLE_START = "<!-- zoo-table-start -->"
+TABLE_END = "<!-- zoo-table-end -->"
+
+# Shared by every recipe: fast CPU runs that still export a bundle with test metrics.
+COMMON = ["logger=csv", "report=false", "~callbacks.intrinsic_dim"]
+# Small PartShapes splits: enough to learn the 10 classes on a narrow resnet18s in a minute.
+PS_SMALL = ["data.n_train=2000", "data.n_val=200", "data.n_test=400", "data.batch_size=50"]
+NARROW = ["backbone=resnet18s", "model.backbone.width=8"]
+
+
+def _recipes() -> dict[str, list[str]]:
+    """Bundle name -> ``train.py`` overrides (``<method>_<backbone>.<data>_s<seed>``)."""
+    out: dict[str, list[str]] = {}
+    for s in (0, 1, 2):
+        out[f"protopnet_resnet18s.partshapes_s{s}"] = [
+            "model=protopnet",
+            *NARROW,
+            "data=partshapes",
+            *PS_SMALL,
+            "model.model_args.prototypes_per_class=2",
+            "model.model_args.prototype_dim=32",
+            "model.metrics.stability=false",
+            "trainer.max_epochs=8",
+            f"seed={s}",
+        ]
+    for s in (0, 1, 2):
+        out[f"cw_resnet18s.partshapes_s{s}"] = [
+            "model=cw",
+            *NARROW,
+            "data=partshapes",
+            *PS_SMALL,
+            "model.baselines=false",
+            "model.permutation_importance=false",
+            "model.concept_eval_samples=100",
+            "model.align_every=2",
+            "trainer.max_epochs=5",
+            f"seed={s}",
+        ]
+    out["icnn_resnet18s.partshapes_s0"] = [
+        "model=icnn",
+        *NARROW,
+        "data=partshapes",
+        *PS_SMALL,
+        "model.metrics.part_iou_samples=128",
+        "trainer.max_epochs=3",
+        "seed=0",
+    ]
+    out["senn_lenet.digits_s0"] = ["experiment=senn_digits", "trainer.max_epochs=4", "seed=0"]
+    out["senn_mlp.breast_cancer_s0"] = ["model=senn", "data=breast_cancer", "trainer.max_epochs=20", "seed=0"]
+    out["softae.partshapes_grey_s0"] = [
+        "model=softae",
+        "data=partshapes",
+        "data.grayscale=true",
+        "data.noise_std=0",
+        *PS_SMALL,
+        "model.model_args.widths=[8,16]",
+        "trainer.max_epochs=3",
+        "seed=0",
+    ]
+    return out
+
+
+RECIPES = _recipes()
+
+# Headline interpretability metric per architecture prefix: (metric key, column label).
+HEADLINE = {
+    "protopnet": ("test/prototype_class_purity", "prototype class purity"),
+    "cw": ("test/concept_auc_mean", "concept AUC (mean)"),
+    "icnn": ("test/location_instability", "location instability (lower is better)"),
+    "senn": ("test/faithfulness", "faithfulness"),
+    "soft": ("test/code_sparsity", "code sparsity"),
+}
+
+
+def recipe_command(overrides: list[str]) -> str:
+    return "python train.py " + " ".join(shlex.quote(o) for o in [*overrides, *COMMON])
+
+
+def build(name: str, overrides: list[str]) -> Path:
+    """Train one recipe and install its bundle as ``models/pretrained/<name>``."""
+    import torch
+
+    from interpzoo.api import run_training
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix=f"zoo_{name}_") as tmp:
+        metrics, run_dir = run_training([*overrides, *COMMON], tmp)
+        bundle = run_dir / "bundle"
+        if not (bundle / "config.json").is_file():
+            raise RuntimeError(f"{name}: the run exported no bundle (see {run_dir})")
+        config = json.loads((bundle / "config.json").read_text())
+        config["recipe"] = recipe_command(overrides)
+        config["seed"] = int(next(o.split("=", 1)[1] for o in overrides if o.startswith("seed=")))
+        config["metrics"] = {k: float(v) for k, v in sorted(metrics.items()) if k.startswith("test/")}
+        config["checkpoint"] = None
+        dest = PRETRAINED / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        shutil.copy2(bundle / "model.safetensors", dest / "model.safetensors")
+        (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return dest
+
+
+def _headline(arch: str, metrics: dict[str, float]) -> str:
+    for prefix, (key, label) in HEADLINE.items():
+        if arch.startswith(prefix):
+            hits = sorted(k for k in metrics if k == key or k.startswith(key + "/"))
+            if not hits:
+                return "–"
+            # per-stage metrics (soft AE): the deepest stage's code
+            hit = hits[-1]
+            suffix = "" if hit == key else f" ({hit[len(key) + 1 :]})"
+            return f"{label}{suffix}: {metrics[hit]:.3f}"
+    return "–"
+
+
+def bundle_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def zoo_table() -> str:
+    """The markdown model-zoo table generated from ``models/pretrained/*/config.json``."""
+    rows = [
+        "| bundle | method | backbone | data | seed | test accuracy / PSNR | interpretability (test) | size |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    total = 0
+    for d in sorted(p for p in PRETRAINED.iterdir() if (p / "config.json").is_file()):
+        cfg = json.loads((d / "config.json").read_text())
+        m = cfg.get("metrics", {})
+        method_backbone, data_seed = d.name.split(".", 1)
+        method, _, backbone = method_backbone.partition("_")
+        data = data_seed.rsplit("_s", 1)[0]
+        perf = (
+            f"acc {m['test/acc']:.3f}"
+            if "test/acc" in m
+            else f"PSNR {m.get('test/psnr', float('nan')):.2f} dB"
+        )
+        size = bundle_size(d)
+        total += size
+        rows.append(
+            f"| `{d.name}` | {method} | {backbone or '–'} | {data} | {cfg.get('seed')} | {perf} | "
+            f"{_headline(cfg['architecture'], m)} | {size / 1024:.0f} KB |"
+        )
+    rows.append("")
+    rows.append(
+        f"{len(rows) - 3} bundles, {total / 1024 / 1024:.2f} MB in total. Each `config.json` records its "
+        "`recipe` (the exact `train.py` command), seed and test metrics; re-create them with "
+        "`python benchmarks/make_zoo.py` and refresh this table with "
+        "`python benchmarks/make_zoo.py --table --write-readme`."
+    )
+    return "\n".join(rows)
+
+
+def write_readme(table: str) -> None:
+    text = README.read_text()
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    README.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="*", help="glob on bundle names to (re-)build")
+    ap.add_argument("--table", action="store_true", help="print the zoo table instead of training")
+    ap.add_argument("--write-readme", action="store_true", help="with --table: update README.md")
+    args = ap.parse_args(argv)
+    if args.table:
+        table = zoo_table()
+        print(table)
+        if args.write_readme:
+            write_readme(table)
+        return
+    names = [n for n in RECIPES if fnmatch.fnmatchcase(n, args.only)]
+    if not names:
+        raise SystemExit(f"--only {args.only!r} matches no recipe; recipes: {list(RECIPES)}")
+    for name in names:
+        dest = build(name, RECIPES[name])
+        print(f"{name}: {bundle_size(dest) / 1024:.0f} KB -> {dest}", flush=True)
+    total = sum(bundle_size(d) for d in PRETRAINED.iterdir() if d.is_dir())
+    print(f"models/pretrained/: {total / 1024 / 1024:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()
