@@ -93,9 +93,17 @@ def newton_schulz(sigma: Tensor, T: int) -> tuple[Tensor, Tensor]:
 
 
 def whitening_residual(p: Tensor, sigma_n: Tensor) -> Tensor:
-    """``max |P Sigma_N P - I|``: the whitening error of the output covariance (0 when exact)."""
+    """``||P Sigma_N P - I||_2``: the whitening error of the output covariance.
+
+    The spectral norm (largest absolute eigenvalue of the symmetric error) is 0 when exact, below 1 when
+    merely under-whitened and above 1 only when the iteration diverged. The largest single entry is not
+    enough: a diverged covariance can have every entry below 1 and eigenvalues far outside ``[0, 2]``.
+    """
     eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
-    return (p @ sigma_n @ p - eye).abs().amax()
+    err = p @ sigma_n @ p - eye
+    if not bool(torch.isfinite(err).all()):
+        return torch.tensor(math.inf, dtype=p.dtype, device=p.device)
+    return torch.linalg.eigvalsh(0.5 * (err + err.T)).abs().amax()
 
 
 def iternorm_whitening_matrix(sigma: Tensor, T: int = 10, guard: str | None = "fallback") -> Tensor:
@@ -105,7 +113,7 @@ def iternorm_whitening_matrix(sigma: Tensor, T: int = 10, guard: str | None = "f
     eigen-directions with eigenvalue ratio ``r > ~2.6`` grows each step, so a larger ``T`` can
     *diverge* (spec §1.3). ``guard`` (our addition; the reference code has none) checks the result:
 
-    * ``"fallback"``: if ``P_T`` is not finite or ``max|P_T Sigma_N P_T - I| > 1`` (only divergence
+    * ``"fallback"``: if ``P_T`` is not finite or ``||P_T Sigma_N P_T - I||_2 > 1`` (only divergence
       exceeds 1), use the iterate ``P_k`` with the smallest whitening residual and warn;
     * ``"raise"``: raise :class:`WhiteningDivergedError` with the fix;
     * ``None``: no check (the reference behaviour; for documenting tests only).
@@ -142,7 +150,7 @@ def iternorm_whitening_matrix(sigma: Tensor, T: int = 10, guard: str | None = "f
 def _guarded_iterate(sigma: Tensor, T: int, guard: str, final_residual: float) -> Tensor:
     msg = (
         f"concept whitening: the Newton-Schulz iteration diverged (T={T}, final residual "
-        f"max|P Sigma_N P - I|={final_residual:.3g}). The uncoupled iteration is unstable for "
+        f"||P Sigma_N P - I||_2={final_residual:.3g}). The uncoupled iteration is unstable for "
         f"ill-conditioned covariances and large T (spec §1.3): keep T=10 or lower it, whiten a layer "
         f"with more samples per channel (batch * H * W >> C), or raise eps."
     )

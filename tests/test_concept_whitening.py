@@ -466,3 +466,14 @@ def test_sync_layer_under_two_process_ddp_equals_single_process(tmp_path) -> Non
     assert not torch.allclose(single.running_rot, torch.eye(8, dtype=torch.float64))  # the rotation moved
     grad = torch.cat([r["grad"] for r in ranks])  # gradients flow through the global statistics
     assert torch.allclose(grad, xs.grad, atol=1e-10)
+
+
+def test_divergence_residual_is_the_spectral_norm() -> None:
+    """A diverged covariance can have every entry below 1 yet eigenvalues far outside [0, 2]."""
+    from layers.concept_whitening import whitening_residual
+
+    c = 4
+    sigma_n = torch.eye(c) + 0.58 * torch.ones(c, c)  # every error entry 0.58, largest eigenvalue 2.32
+    res = whitening_residual(torch.eye(c), sigma_n)
+    assert float(res) == pytest.approx(0.58 * c, rel=1e-5)
+    assert float(res) > 1.0
