@@ -27,6 +27,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from benchmarks.common import quiet_trainer
 from datamodules.partshapes_dm import PartShapesDataModule
 from layers.concept_whitening import pool_axes
 from metrics.concept_whitening import WhiteningCorrelation, best_filter_auc, concept_aucs, linear_probe_auc
@@ -36,17 +37,7 @@ from models.lit_base import ClassificationModule
 
 
 def _trainer(epochs: int) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    return quiet_trainer(max_epochs=epochs)
 
 
 def _common(args: argparse.Namespace, dm: PartShapesDataModule) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from benchmarks.common import quiet_trainer
 from datamodules.partshapes_dm import PartShapesDataModule
 from models.icnn import ICNNModule
 
@@ -52,18 +53,7 @@ def run_one(
         scheduler={"name": "cosine"},
         metrics={"top_m": args.top_m, "part_iou_samples": args.dissect},
     )
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        deterministic=False,
-    )
+    trainer = quiet_trainer(max_epochs=args.epochs, deterministic=False)
     start = time.time()
     trainer.fit(module, datamodule=dm)
     fit_s = time.time() - start

@@ -30,6 +30,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.common import quiet_trainer
 from metrics.soft_autoencoder import psnr, ssim
 from models.lit_base import batch_input
 from models.soft_autoencoder import SoftAutoencoderModule, universal_threshold, wavelet_shrinkage
@@ -74,18 +75,7 @@ def train_and_test(
         scheduler=None,
         noise_std=sigma,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.steps,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_steps=args.steps, max_epochs=-1)
     start = time.time()
     trainer.fit(module, datamodule=dm)
     seconds = time.time() - start

@@ -47,6 +47,22 @@ def compose_config(config_name: str, overrides: list[str], out_dir: Path, shrink
     return cfg
 
 
+def fake_cub_fdr_overrides(experiment: str, tmp_path: Path) -> list[str]:
+    """Overrides running a CUB ``experiment`` as a fast_dev_run on a tiny fake CUB tree written offline."""
+    from datamodules.testing import make_fake_cub
+
+    root = make_fake_cub(tmp_path / "cub", n_classes=3, n_per_class=4, size=48)
+    return [
+        f"experiment={experiment}",
+        "debug=fdr",
+        f"data.root={root}",
+        "data.image_size=64",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "model.backbone.pretrained=false",
+    ]
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     def _make(

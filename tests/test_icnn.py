@@ -518,21 +518,10 @@ def test_single_category_module_round_trips_hparams() -> None:
 
 
 def test_cub_vgg16_experiment_composes_and_runs_fast_dev_run(make_cfg, tmp_path) -> None:
-    from datamodules.testing import make_fake_cub
     from interpzoo.run import train
+    from tests.conftest import fake_cub_fdr_overrides
 
-    root = make_fake_cub(tmp_path / "cub", n_classes=3, n_per_class=4, size=48)
-    cfg = make_cfg(
-        [
-            "experiment=icnn_cub_vgg16",
-            "debug=fdr",
-            f"data.root={root}",
-            "data.image_size=64",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "model.backbone.pretrained=false",
-        ]
-    )
+    cfg = make_cfg(fake_cub_fdr_overrides("icnn_cub_vgg16", tmp_path))
     assert cfg.model.backbone.name == "vgg16_bn" and cfg.model.metrics.landmark_ids == [0, 5, 13]
     metrics = train(cfg)
     assert "test/acc" in metrics and "val/location_instability" in metrics  # CUB parts reach the metric

@@ -486,21 +486,10 @@ def test_fast_dev_run_pushes_and_logs_prototype_metrics(make_cfg, tmp_path) -> N
 
 
 def test_cub_recipe_composes_and_runs_fast_dev_run(make_cfg, tmp_path) -> None:
-    from datamodules.testing import make_fake_cub
     from interpzoo.run import train
+    from tests.conftest import fake_cub_fdr_overrides
 
-    root = make_fake_cub(tmp_path / "cub", n_classes=3, n_per_class=4, size=48)
-    cfg = make_cfg(
-        [
-            "experiment=protopnet_cub_resnet34",
-            "debug=fdr",
-            f"data.root={root}",
-            "data.image_size=64",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "model.backbone.pretrained=false",
-        ]
-    )
+    cfg = make_cfg(fake_cub_fdr_overrides("protopnet_cub_resnet34", tmp_path))
     assert cfg.model.loss.sep == -0.08 and cfg.model.optim.joint.backbone == 1e-4
     assert cfg.model.schedule.push_start == 10 and cfg.model.model_args.prototype_dim == 128
     assert cfg.trainer.max_epochs == 1  # fast_dev_run
