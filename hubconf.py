@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from models import create_model, list_models
+from interpzoo.models import create_model, list_models
 
 dependencies = ["torch", "torchvision"]
 
@@ -19,7 +19,7 @@ def _entry(name: str):
         return create_model(name, pretrained=pretrained, **kwargs)
 
     build.__name__ = name
-    build.__doc__ = f"``models.create_model({name!r}, ...)``."
+    build.__doc__ = f"``interpzoo.create_model({name!r}, ...)``."
     return build
 
 

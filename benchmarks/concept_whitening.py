@@ -27,13 +27,18 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from benchmarks.common import quiet_trainer
-from datamodules.partshapes_dm import PartShapesDataModule
-from layers.concept_whitening import pool_axes
-from metrics.concept_whitening import WhiteningCorrelation, best_filter_auc, concept_aucs, linear_probe_auc
-from models.bundle import save_pretrained
-from models.concept_whitening import ConceptWhiteningModule, _layer_output
-from models.lit_base import ClassificationModule
+from interpzoo.api import quiet_trainer
+from interpzoo.datamodules.partshapes_dm import PartShapesDataModule
+from interpzoo.layers.concept_whitening import pool_axes
+from interpzoo.metrics.concept_whitening import (
+    WhiteningCorrelation,
+    best_filter_auc,
+    concept_aucs,
+    linear_probe_auc,
+)
+from interpzoo.models.bundle import save_pretrained
+from interpzoo.models.concept_whitening import ConceptWhiteningModule, _layer_output
+from interpzoo.models.lit_base import ClassificationModule
 
 
 def _trainer(epochs: int) -> pl.Trainer:

@@ -18,9 +18,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from benchmarks.common import quiet_trainer
-from datamodules.partshapes_dm import PartShapesDataModule
-from models.icnn import ICNNModule
+from interpzoo.api import quiet_trainer
+from interpzoo.datamodules.partshapes_dm import PartShapesDataModule
+from interpzoo.models.icnn import ICNNModule
 
 METRICS = (
     "test/acc",

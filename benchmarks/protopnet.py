@@ -105,8 +105,8 @@ def main() -> None:
 
     from hydra.utils import instantiate
 
+    from interpzoo.models.lit_protopnet import ProtoPNetModule
     from interpzoo.run import train
-    from models.lit_protopnet import ProtoPNetModule
 
     out = Path(args.out or tempfile.mkdtemp(prefix="protopnet_bench_"))
     common = [
@@ -137,7 +137,7 @@ def main() -> None:
     dm = instantiate(cfg.data, _convert_="all")
     dm.prepare_data()
     dm.setup("fit")
-    from models.checkpoint import read_checkpoint
+    from interpzoo.models.checkpoint import read_checkpoint
 
     best = json.loads((out / "protopnet" / "bundle" / "config.json").read_text())["checkpoint"]
     trained: ProtoPNetModule = instantiate(cfg.model, data_info=dm.data_info, _convert_="all")

@@ -30,17 +30,17 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.common import quiet_trainer
-from metrics.soft_autoencoder import psnr, ssim
-from models.lit_base import batch_input
-from models.soft_autoencoder import SoftAutoencoderModule, universal_threshold, wavelet_shrinkage
+from interpzoo.api import quiet_trainer
+from interpzoo.metrics.soft_autoencoder import psnr, ssim
+from interpzoo.models.lit_base import batch_input
+from interpzoo.models.soft_autoencoder import SoftAutoencoderModule, universal_threshold, wavelet_shrinkage
 
 MODELS = ("softae", "relu_ae")
 
 
 def make_datamodule(args: argparse.Namespace) -> pl.LightningDataModule:
     if args.data == "partshapes":
-        from datamodules.partshapes_dm import PartShapesDataModule
+        from interpzoo.datamodules.partshapes_dm import PartShapesDataModule
 
         # grayscale, and the renderer's own pixel noise off: the targets must be clean
         return PartShapesDataModule(
@@ -53,7 +53,7 @@ def make_datamodule(args: argparse.Namespace) -> pl.LightningDataModule:
             batch_size=args.batch_size,
             seed=args.seed,
         )
-    from datamodules.digits import DigitsDataModule
+    from interpzoo.datamodules.digits import DigitsDataModule
 
     return DigitsDataModule(image_size=32, batch_size=args.batch_size, seed=args.seed)
 

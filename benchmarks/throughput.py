@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-import models  # noqa: F401  (registers every architecture)
-from models.registry import _ARCHITECTURES, build_architecture
+import interpzoo.models  # noqa: F401  (registers every architecture)
+from interpzoo.models.registry import _ARCHITECTURES, build_architecture
 
 DEFAULT_ARGS: dict[str, dict[str, Any]] = {
     "cw": {"concepts": ["c0", "c1", "c2"]},

@@ -1,6 +1,6 @@
 """LightningDataModules. Every module yields dict batches (see :mod:`datamodules.base`)."""
 
-from datamodules.base import (
+from interpzoo.datamodules.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BaseDataModule,
@@ -8,12 +8,12 @@ from datamodules.base import (
     IndexedSubset,
     split_indices,
 )
-from datamodules.cub import CUB200DataModule
-from datamodules.digits import DigitsDataModule
-from datamodules.image_folder import ImageFolderDataModule
-from datamodules.partshapes import PartShapesConceptDataset, PartShapesDataset, PartShapesRenderer
-from datamodules.partshapes_dm import PartShapesDataModule
-from datamodules.torchvision_sets import CIFAR10DataModule, MNISTDataModule
+from interpzoo.datamodules.cub import CUB200DataModule
+from interpzoo.datamodules.digits import DigitsDataModule
+from interpzoo.datamodules.image_folder import ImageFolderDataModule
+from interpzoo.datamodules.partshapes import PartShapesConceptDataset, PartShapesDataset, PartShapesRenderer
+from interpzoo.datamodules.partshapes_dm import PartShapesDataModule
+from interpzoo.datamodules.torchvision_sets import CIFAR10DataModule, MNISTDataModule
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BaseDataModule", "DataError", "IndexedSubset", "split_indices"]
 __all__ += ["PartShapesConceptDataset", "PartShapesDataModule", "PartShapesDataset", "PartShapesRenderer"]

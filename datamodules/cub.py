@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datamodules.base import (
+from interpzoo.datamodules.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BaseDataModule,
@@ -26,7 +26,7 @@ from datamodules.base import (
     IndexedSubset,
     split_indices,
 )
-from datamodules.image_folder import load_rgb, pil_to_float, size_pair
+from interpzoo.datamodules.image_folder import load_rgb, pil_to_float, size_pair
 
 CUB_URL = (
     "https://data.caltech.edu/records/65de6-vhk45 (CUB_200_2011.tgz; project page "

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from datamodules.base import BaseDataModule
-from datamodules.image_folder import size_pair
-from datamodules.torchvision_sets import ArrayImageDataset, TensorPipeline
+from interpzoo.datamodules.base import BaseDataModule
+from interpzoo.datamodules.image_folder import size_pair
+from interpzoo.datamodules.torchvision_sets import ArrayImageDataset, TensorPipeline
 
 
 def load_digits_images(image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

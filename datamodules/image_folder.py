@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from datamodules.base import (
+from interpzoo.datamodules.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BaseDataModule,

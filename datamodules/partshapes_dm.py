@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from datamodules.base import BaseDataModule, DataError
-from datamodules.partshapes import (
+from interpzoo.datamodules.base import BaseDataModule, DataError
+from interpzoo.datamodules.partshapes import (
     PartShapesConceptDataset,
     PartShapesDataset,
     PartShapesRenderer,

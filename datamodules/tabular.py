@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.base import BaseDataModule, DataError
-from models.errors import did_you_mean
+from interpzoo.datamodules.base import BaseDataModule, DataError
+from interpzoo.models.errors import did_you_mean
 
 MISSING_TOKENS = {"", "na", "nan", "n/a", "null", "none", "?"}
 FEATURE_TRANSFORMS = ("sqrt", "log1p", "log")

@@ -23,8 +23,8 @@ from torchvision import transforms as T
 from torchvision.datasets.utils import check_md5
 from torchvision.transforms import functional as TF
 
-from datamodules.base import BaseDataModule, DataError, IndexedSubset, split_indices
-from datamodules.image_folder import size_pair
+from interpzoo.datamodules.base import BaseDataModule, DataError, IndexedSubset, split_indices
+from interpzoo.datamodules.image_folder import size_pair
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

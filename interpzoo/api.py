@@ -14,8 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
+from interpzoo.cli import CONF_DIR
 
 
 def compose_config(
@@ -32,7 +31,7 @@ def compose_config(
     output_dir = Path(output_dir).resolve()
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
@@ -44,6 +43,28 @@ def compose_config(
     finally:
         GlobalHydra.instance().clear()
     return cfg
+
+
+def quiet_trainer(**overrides: Any) -> Any:
+    """A one-process CPU ``pl.Trainer`` with no logger, checkpoints, progress bar, summary or validation.
+
+    For benchmarks and notebooks that time or drive a LightningModule themselves; ``overrides`` set the
+    budget (``max_epochs``, ``max_steps``, ...) or turn anything back on.
+    """
+    import pytorch_lightning as pl
+
+    kwargs: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)
 
 
 def run_training(

@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from models.errors import did_you_mean
+from interpzoo.models.errors import did_you_mean
 
 _HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 # Arguments the runner passes itself, so a config need not (and must not) set them.
@@ -186,8 +186,8 @@ def _target_name(node: DictConfig) -> str:
 
 
 def _model_problems(model: DictConfig) -> list[str]:
-    from models.backbones import build_backbone, list_backbones
-    from models.registry import _ARCHITECTURES, resolve_model_name
+    from interpzoo.models.backbones import build_backbone, list_backbones
+    from interpzoo.models.registry import _ARCHITECTURES, resolve_model_name
 
     problems: list[str] = []
     backbone = model.get("backbone")

@@ -23,8 +23,9 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from interpzoo.checkpoint_io import AtomicCheckpointIO
 from interpzoo.io import to_plain, write_json
+from interpzoo.models.checkpoint import CheckpointError, checkpoint_info, module_class, read_checkpoint
+from interpzoo.models.registry import resolve_task, task_name
 from interpzoo.preflight import ConfigError, validate_config
-from models.checkpoint import CheckpointError, checkpoint_info, module_class, read_checkpoint
 
 log_print = rank_zero_only(print)
 
@@ -56,11 +57,15 @@ def check_checkpoint_matches(ckpt_path: str, model: pl.LightningModule) -> None:
     """Refuse to resume or evaluate a checkpoint written for another model (clear error, no traceback soup)."""
     info = checkpoint_info(read_checkpoint(ckpt_path), ckpt_path)
     arch, _ = model.net_arguments()
-    own_cls = f"{type(model).__module__}.{type(model).__qualname__}"
-    if info.get("architecture") != arch or info.get("module_class") != own_cls:
+    own_task = task_name(model)
+    try:
+        ckpt_task = resolve_task(info)
+    except KeyError as e:
+        raise CheckpointError(f"{ckpt_path}: {e.args[0]}") from None
+    if info.get("architecture") != arch or ckpt_task != own_task:
         raise CheckpointError(
-            f"{ckpt_path} was written by a {info.get('architecture')!r} model ({info.get('module_class')}), but the "
-            f"config builds a {arch!r} model ({own_cls}). Choose the matching model= option, or evaluate the "
+            f"{ckpt_path} was written by a {info.get('architecture')!r} model (task {ckpt_task!r}), but the "
+            f"config builds a {arch!r} model (task {own_task!r}). Choose the matching model= option, or evaluate the "
             f"checkpoint with `python eval.py ckpt_path={ckpt_path}`, which rebuilds its own model."
         )
 
@@ -179,7 +184,7 @@ def export_bundle(
     ckpt: str | None,
 ) -> Path:
     """Write ``module.net`` as a bundle with its data config, recipe, seed and metrics."""
-    from models.bundle import save_pretrained
+    from interpzoo.models.bundle import save_pretrained
 
     extra = {
         "recipe": command_line(),
@@ -187,7 +192,7 @@ def export_bundle(
         "metrics": metrics,
         "checkpoint": ckpt,
         "lightning": {
-            "module_class": f"{type(module).__module__}.{type(module).__qualname__}",
+            "task": task_name(module),
             "hparams": to_plain(dict(module.hparams)),
         },
         "interpzoo_version": __import__("interpzoo").__version__,
@@ -203,7 +208,7 @@ def _print_summary(out_dir: Path, metrics: dict[str, float], result: dict[str, A
     if result.get("best_checkpoint"):
         lines.append(f"  best checkpoint : {result['best_checkpoint']}")
     if result.get("bundle"):
-        lines.append(f"  model bundle    : {result['bundle']}  (models.load_pretrained(path))")
+        lines.append(f"  model bundle    : {result['bundle']}  (interpzoo.load_pretrained(path))")
     for fig in result.get("figures", []):
         lines.append(f"  figure          : {fig}")
     for k in ("val/acc", "test/acc", "val/psnr", "test/psnr"):
@@ -216,7 +221,7 @@ def module_from_source(source: str) -> pl.LightningModule:
     """Rebuild the LightningModule of a checkpoint (``.ckpt``) or a bundle folder, weights loaded."""
     path = Path(source)
     if path.is_dir():
-        from models.bundle import load_pretrained, read_bundle_config
+        from interpzoo.models.bundle import load_pretrained, read_bundle_config
 
         config = read_bundle_config(path)
         lit = config.get("lightning")
@@ -224,14 +229,14 @@ def module_from_source(source: str) -> pl.LightningModule:
             raise CheckpointError(
                 f"bundle {path} has no 'lightning' entry; it cannot be evaluated by eval.py"
             )
-        cls = module_class(lit)
+        cls = module_class(lit, path / "config.json")
         module = cls(**lit["hparams"])
         net = load_pretrained(path, eval_mode=False)
         module.net.load_state_dict(net.state_dict())
         return module
     ckpt = read_checkpoint(path)
     info = checkpoint_info(ckpt, path)
-    module = module_class(info)(**ckpt["hyper_parameters"])
+    module = module_class(info, path)(**ckpt["hyper_parameters"])
     module.load_state_dict(ckpt["state_dict"])
     return module
 

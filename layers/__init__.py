@@ -1,8 +1,8 @@
 """Reusable interpretable building blocks: pure PyTorch, no Lightning, no Hydra."""
 
-from layers.concept_whitening import ConceptWhitening2d, SyncConceptWhitening2d, pool_axes
-from layers.normalize import InputNormalize
-from layers.part_filters import (
+from interpzoo.layers.concept_whitening import ConceptWhitening2d, SyncConceptWhitening2d, pool_axes
+from interpzoo.layers.normalize import InputNormalize
+from interpzoo.layers.part_filters import (
     FilterAssignment,
     FilterLossOutput,
     InterpretableConv2d,
@@ -11,7 +11,7 @@ from layers.part_filters import (
     filter_loss,
     part_templates,
 )
-from layers.prototype import (
+from interpzoo.layers.prototype import (
     PrototypeLayer,
     avg_separation_cost,
     cluster_cost,
@@ -22,7 +22,7 @@ from layers.prototype import (
     separation_cost,
     squared_l2_distances,
 )
-from layers.senn import (
+from interpzoo.layers.senn import (
     BackboneConceptizer,
     BackboneParametrizer,
     BatchCouplingError,
@@ -37,7 +37,7 @@ from layers.senn import (
     robustness_loss,
     robustness_residual,
 )
-from layers.soft_threshold import SoftThreshold, haar_filters, soft_threshold
+from interpzoo.layers.soft_threshold import SoftThreshold, haar_filters, soft_threshold
 
 __all__ = ["InputNormalize"]
 __all__ += ["SoftThreshold", "haar_filters", "soft_threshold"]

@@ -1,14 +1,14 @@
 """Interpretability metrics (torchmetrics ``Metric``s with DDP-reducible state), callbacks and report figures."""
 
-from metrics.concept_whitening import (
+from interpzoo.metrics.concept_whitening import (
     ConceptAUC,
     ConceptSimilarity,
     PermutationImportance,
     WhiteningCorrelation,
 )
-from metrics.icnn import LocationInstability, part_dissection
-from metrics.intrinsic_dim import twonn_dimension, twonn_ratios
-from metrics.protopnet import (
+from interpzoo.metrics.icnn import LocationInstability, part_dissection
+from interpzoo.metrics.intrinsic_dim import twonn_dimension, twonn_ratios
+from interpzoo.metrics.protopnet import (
     ExplanationSize,
     PrototypeClassPurity,
     PrototypeConsistency,
@@ -17,7 +17,7 @@ from metrics.protopnet import (
     global_size,
     prototype_unique,
 )
-from metrics.senn import (
+from interpzoo.metrics.senn import (
     ConceptSparsity,
     DeadConcepts,
     LocalLipschitz,
@@ -26,7 +26,14 @@ from metrics.senn import (
     input_faithfulness_scores,
     local_lipschitz,
 )
-from metrics.soft_autoencoder import CodeStatistics, code_sparsity, dead_units, hoyer_sparsity, psnr, ssim
+from interpzoo.metrics.soft_autoencoder import (
+    CodeStatistics,
+    code_sparsity,
+    dead_units,
+    hoyer_sparsity,
+    psnr,
+    ssim,
+)
 
 __all__ = ["twonn_dimension", "twonn_ratios"]
 __all__ += ["CodeStatistics", "code_sparsity", "dead_units", "hoyer_sparsity", "psnr", "ssim"]

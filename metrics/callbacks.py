@@ -10,8 +10,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from rich.progress import track
 from torch.utils.data import DataLoader, Subset
 
-from metrics.intrinsic_dim import twonn_dimension
-from models.surgery import get_submodule
+from interpzoo.metrics.intrinsic_dim import twonn_dimension
+from interpzoo.models.surgery import get_submodule
 
 
 def fixed_subset(dataset: torch.utils.data.Dataset, num_samples: int, seed: int) -> Subset:
@@ -54,7 +54,7 @@ class IntrinsicDimension(pl.Callback):
 
     @torch.no_grad()
     def compute(self, pl_module: pl.LightningModule, dataset: torch.utils.data.Dataset) -> dict[str, float]:
-        from models.lit_base import batch_input
+        from interpzoo.models.lit_base import batch_input
 
         layers = []
         for name in self.layers:

@@ -63,7 +63,7 @@ def box_half_size(image_size: Sequence[int], half_fraction: float = HUANG_HALF_F
 
 def _argmax_locations(maps: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
     """``(N, 2)`` ``(row, col)`` argmax of each ``(N, h, w)`` map after bicubic upsampling to ``image_size``."""
-    from models.protopnet import upsample_maps
+    from interpzoo.models.protopnet import upsample_maps
 
     if maps.shape[0] == 0:
         return torch.zeros((0, 2), dtype=torch.long, device=maps.device)

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from models.protopnet import ProtoPNet, upsample_maps  # noqa: E402
+from interpzoo.models.protopnet import ProtoPNet, upsample_maps  # noqa: E402
 
 __all__ = ["explanation_figure", "prototype_gallery"]
 

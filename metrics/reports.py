@@ -17,7 +17,7 @@ def predict_split(
     module: Any, loader: Any, max_batches: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(labels, predictions)`` of ``module`` over ``loader`` (eval mode, no gradients)."""
-    from models.lit_base import batch_input
+    from interpzoo.models.lit_base import batch_input
 
     was_training = module.training
     module.eval()

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from models.lit_base import batch_input  # noqa: E402
+from interpzoo.models.lit_base import batch_input  # noqa: E402
 
 
 def _image_for_display(img: torch.Tensor) -> tuple[Any, str | None]:

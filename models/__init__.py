@@ -4,7 +4,7 @@
 >>> net = create_model("baseline_resnet18s", num_classes=10)
 """
 
-from models import (
+from interpzoo.models import (
     baseline,  # noqa: F401  (registers architectures)
     concept_whitening,  # noqa: F401
     icnn,  # noqa: F401
@@ -12,10 +12,10 @@ from models import (
     senn,  # noqa: F401
     soft_autoencoder,  # noqa: F401
 )
-from models.backbones import build_backbone, list_backbones
-from models.bundle import BundleError, load_pretrained, read_bundle_config, save_pretrained
-from models.checkpoint import load_checkpoint
-from models.registry import (
+from interpzoo.models.backbones import build_backbone, list_backbones
+from interpzoo.models.bundle import BundleError, load_pretrained, read_bundle_config, save_pretrained
+from interpzoo.models.checkpoint import load_checkpoint
+from interpzoo.models.registry import (
     create_model,
     list_architectures,
     list_models,

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from layers.normalize import InputNormalize
-from models.backbones import backbone_from_config, list_backbones
-from models.explain import ClassifierExplanation, explain_classifier
-from models.outputs import ClassifierOutput
-from models.registry import register_architecture, register_model
+from interpzoo.layers.normalize import InputNormalize
+from interpzoo.models.backbones import backbone_from_config, list_backbones
+from interpzoo.models.explain import ClassifierExplanation, explain_classifier
+from interpzoo.models.outputs import ClassifierOutput
+from interpzoo.models.registry import register_architecture, register_model
 
 
 @register_architecture("baseline")

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.errors import did_you_mean
-from models.registry import PRETRAINED_DIR, build_architecture, list_pretrained
+from interpzoo.models.errors import did_you_mean
+from interpzoo.models.registry import PRETRAINED_DIR, build_architecture, list_pretrained
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -66,7 +66,7 @@ def save_pretrained(
     cfg = getattr(net, "interpzoo_config", None)
     if cfg is None:
         raise BundleError(
-            "this network was not built by models.create_model, so its constructor arguments are "
+            "this network was not built by interpzoo.create_model, so its constructor arguments are "
             "unknown; build it with create_model(...) to export it"
         )
     directory = Path(directory)
@@ -107,11 +107,11 @@ def _resolve(source: str | Path) -> Path:
     if path.suffix == ".ckpt" or path.is_file():
         raise BundleError(
             f"{path} is a file, not a bundle folder; for a Lightning checkpoint use "
-            f"models.load_checkpoint({str(path)!r})"
+            f"interpzoo.load_checkpoint({str(path)!r})"
         )
     raise BundleError(
         f"no bundle at {str(source)!r}{did_you_mean(str(source), list_pretrained())}; "
-        f"pass a folder with {CONFIG_NAME} and {WEIGHTS_NAME}, or a name from models.list_pretrained()"
+        f"pass a folder with {CONFIG_NAME} and {WEIGHTS_NAME}, or a name from interpzoo.list_pretrained()"
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.outputs import ClassifierOutput, ReconstructionOutput
+from interpzoo.models.outputs import ClassifierOutput, ReconstructionOutput
 
 __all__ = ["AE_SCORES", "LogitsModule", "as_logits_module", "default_gradcam_layer", "gradcam_layer"]
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from interpzoo.models.registry import resolve_task, task_class
+
 CHECKPOINT_KEY = "interpzoo"
-# Modules whose LightningModule classes a checkpoint may name: nothing else is ever imported.
-_ALLOWED_MODULE_PREFIX = "models."
 
 
 class CheckpointError(RuntimeError):
@@ -35,17 +34,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def checkpoint_info(ckpt: dict[str, Any], path: str | Path = "") -> dict[str, Any]:
     info = ckpt.get(CHECKPOINT_KEY)
-    if not isinstance(info, dict) or "module_class" not in info:
+    if not isinstance(info, dict) or not ("task" in info or "module_class" in info):
         raise CheckpointError(f"{path} is not an interpzoo checkpoint (no {CHECKPOINT_KEY!r} entry)")
     return info
 
 
-def module_class(info: dict[str, Any]) -> type:
-    qual = info["module_class"]
-    mod_name, _, cls_name = qual.rpartition(".")
-    if not mod_name.startswith(_ALLOWED_MODULE_PREFIX):
-        raise CheckpointError(f"checkpoint names module class {qual!r} outside interpzoo's models package")
-    return getattr(importlib.import_module(mod_name), cls_name)
+def module_class(info: dict[str, Any], path: str | Path = "") -> type:
+    """The LightningModule class of a checkpoint's or bundle's registered task name (never a class path)."""
+    try:
+        return task_class(resolve_task(info))
+    except KeyError as e:
+        raise CheckpointError(f"{path or 'the file'}: {e.args[0]}") from None
 
 
 def load_checkpoint(path: str | Path, lightning_module: bool = False, eval_mode: bool = True) -> nn.Module:
@@ -56,9 +55,9 @@ def load_checkpoint(path: str | Path, lightning_module: bool = False, eval_mode:
     """
     ckpt = read_checkpoint(path)
     info = checkpoint_info(ckpt, path)
-    cls = module_class(info)
+    cls = module_class(info, path)
     module = cls(**ckpt["hyper_parameters"])
-    from models.bundle import load_state_strict
+    from interpzoo.models.bundle import load_state_strict
 
     load_state_strict(module, ckpt["state_dict"], what=f"checkpoint {path}")
     out: nn.Module = module if lightning_module else module.net

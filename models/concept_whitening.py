@@ -32,20 +32,20 @@ import torch.nn.functional as F
 from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 
-from layers.concept_whitening import (
+from interpzoo.layers.concept_whitening import (
     ConceptWhitening2d,
     SyncConceptWhitening2d,
     concept_whitening_layers,
     pool_axes,
 )
-from layers.normalize import InputNormalize
-from models.backbones import backbone_from_config, list_backbones
-from models.baseline import check_image_input
-from models.explain import ConceptWhiteningExplanation, explain_concept_whitening
-from models.lit_base import ClassificationModule
-from models.outputs import ClassifierOutput, NetworkOutput
-from models.registry import register_architecture, register_model
-from models.surgery import get_submodule, set_submodule
+from interpzoo.layers.normalize import InputNormalize
+from interpzoo.models.backbones import backbone_from_config, list_backbones
+from interpzoo.models.baseline import check_image_input
+from interpzoo.models.explain import ConceptWhiteningExplanation, explain_concept_whitening
+from interpzoo.models.lit_base import ClassificationModule
+from interpzoo.models.outputs import ClassifierOutput, NetworkOutput
+from interpzoo.models.registry import register_architecture, register_model
+from interpzoo.models.surgery import get_submodule, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -453,7 +453,7 @@ class ConceptWhiteningModule(ClassificationModule):
     ) -> None:
         kwargs.setdefault("arch", "cw")
         super().__init__(*args, **kwargs)
-        from metrics.concept_whitening import (
+        from interpzoo.metrics.concept_whitening import (
             ConceptAUC,
             ConceptSimilarity,
             PermutationImportance,
@@ -528,8 +528,8 @@ class ConceptWhiteningModule(ClassificationModule):
                 )
 
     def _source_net(self, source: str) -> nn.Module:
-        from models.bundle import load_pretrained
-        from models.checkpoint import load_checkpoint
+        from interpzoo.models.bundle import load_pretrained
+        from interpzoo.models.checkpoint import load_checkpoint
 
         path = Path(source)
         net = load_checkpoint(path) if path.suffix == ".ckpt" else load_pretrained(source)
@@ -580,7 +580,7 @@ class ConceptWhiteningModule(ClassificationModule):
                 return None
         _, args = self.net_arguments()
         if (args.get("backbone") or {}).get("pretrained"):
-            from models.registry import build_architecture
+            from interpzoo.models.registry import build_architecture
 
             keep = ("num_classes", "in_chans", "mean", "std", "backbone")
             return build_architecture("baseline", {k: args[k] for k in keep if k in args}).eval()
@@ -774,7 +774,7 @@ class ConceptWhiteningModule(ClassificationModule):
             return self._baseline_cache
         if not self._reference or not self.hparams.baselines:
             return {}
-        from metrics.concept_whitening import best_filter_auc, linear_probe_auc
+        from interpzoo.metrics.concept_whitening import best_filter_auc, linear_probe_auc
 
         ref = self._reference[0].to(self.device).eval()
         layer_name = f"backbone.body.{self.net.whitened_names[0]}"
@@ -853,7 +853,7 @@ class ConceptWhiteningModule(ClassificationModule):
 
     # -- reports ------------------------------------------------------------------------------------
     def write_report(self, out_dir: Path, datamodule: pl.LightningDataModule) -> list[Path]:
-        from metrics.concept_whitening import correlation_heatmap_figure, top_activating_figure
+        from interpzoo.metrics.concept_whitening import correlation_heatmap_figure, top_activating_figure
 
         figures = super().write_report(out_dir, datamodule)
         if not self.concept_names:

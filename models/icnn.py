@@ -44,23 +44,23 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from layers.normalize import InputNormalize
-from layers.part_filters import (
+from interpzoo.layers.normalize import InputNormalize
+from interpzoo.layers.part_filters import (
     FilterAssignment,
     FilterLossOutput,
     InterpretableConv2d,
     PartFilterLoss,
     official_filter_grad,
 )
-from metrics.icnn import LocationInstability, part_dissection, part_filter_figure
-from models.backbones import _SPECS, backbone_from_config, list_backbones
-from models.baseline import check_image_input
-from models.errors import did_you_mean
-from models.explain import ICNNExplanation, explain_icnn
-from models.lit_base import ClassificationModule
-from models.outputs import ClassifierOutput
-from models.registry import register_architecture, register_model
-from models.surgery import get_submodule, set_submodule
+from interpzoo.metrics.icnn import LocationInstability, part_dissection, part_filter_figure
+from interpzoo.models.backbones import _SPECS, backbone_from_config, list_backbones
+from interpzoo.models.baseline import check_image_input
+from interpzoo.models.errors import did_you_mean
+from interpzoo.models.explain import ICNNExplanation, explain_icnn
+from interpzoo.models.lit_base import ClassificationModule
+from interpzoo.models.outputs import ClassifierOutput
+from interpzoo.models.registry import register_architecture, register_model
+from interpzoo.models.surgery import get_submodule, set_submodule
 
 
 @dataclass
@@ -537,8 +537,8 @@ class ICNNModule(ClassificationModule):
         """Images, labels, eval-layer maps and (when present) part masks of a fixed, seeded subset."""
         from torch.utils.data import DataLoader
 
-        from metrics.callbacks import fixed_subset
-        from models.lit_base import batch_input
+        from interpzoo.metrics.callbacks import fixed_subset
+        from interpzoo.models.lit_base import batch_input
 
         was_training = self.training
         self.eval()

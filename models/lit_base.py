@@ -18,9 +18,9 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from models.optim import build_optimizer, build_scheduler
-from models.outputs import NetworkOutput
-from models.registry import build_architecture, resolve_model_name
+from interpzoo.models.optim import build_optimizer, build_scheduler
+from interpzoo.models.outputs import NetworkOutput
+from interpzoo.models.registry import build_architecture, resolve_model_name
 
 # data_info key -> constructor argument it feeds, when the architecture accepts it.
 _DATA_ARGS = {
@@ -84,7 +84,7 @@ class InterpModule(pl.LightningModule):
     # -- network ---------------------------------------------------------------------------------
     def net_arguments(self) -> tuple[str, dict[str, Any]]:
         """``(architecture, constructor kwargs)``: registry defaults < data_info < backbone < model_args."""
-        from models.registry import _ARCHITECTURES, _deep_update
+        from interpzoo.models.registry import _ARCHITECTURES, _deep_update
 
         arch, args = resolve_model_name(self.hparams.arch)
         params = inspect.signature(_ARCHITECTURES[arch]).parameters
@@ -124,11 +124,12 @@ class InterpModule(pl.LightningModule):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from models.checkpoint import CHECKPOINT_KEY
+        from interpzoo.models.checkpoint import CHECKPOINT_KEY
+        from interpzoo.models.registry import task_name
 
         arch, args = self.net_arguments()
         checkpoint[CHECKPOINT_KEY] = {
-            "module_class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "task": task_name(self),
             "architecture": arch,
             "model_args": args,
         }
@@ -210,7 +211,7 @@ class ClassificationModule(InterpModule):
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
 
     def write_report(self, out_dir: Path, datamodule: pl.LightningDataModule) -> list[Path]:
-        from metrics.reports import confusion_matrix_figure
+        from interpzoo.metrics.reports import confusion_matrix_figure
 
         return [confusion_matrix_figure(self, datamodule, out_dir / "confusion_matrix.png")]
 

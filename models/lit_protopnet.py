@@ -48,8 +48,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from layers.prototype import avg_separation_cost, cluster_cost, l1_off_class, separation_cost
-from metrics.protopnet import (
+from interpzoo.layers.prototype import avg_separation_cost, cluster_cost, l1_off_class, separation_cost
+from interpzoo.metrics.protopnet import (
     HUANG_HALF_FRACTION,
     ExplanationSize,
     PrototypeClassPurity,
@@ -60,9 +60,9 @@ from metrics.protopnet import (
     prototype_unique,
     stability_noise,
 )
-from models.lit_base import ClassificationModule
-from models.protopnet import ProtoPNet, ProtoPNetOutput
-from models.protopnet_push import dist_info, nearest_patches, prune_keep_mask, push_prototypes
+from interpzoo.models.lit_base import ClassificationModule
+from interpzoo.models.protopnet import ProtoPNet, ProtoPNetOutput
+from interpzoo.models.protopnet_push import dist_info, nearest_patches, prune_keep_mask, push_prototypes
 
 __all__ = ["ProtoPNetModule", "phase_plan"]
 
@@ -104,7 +104,7 @@ _OPT_INDEX = {"warm": 0, "joint": 1, "last": 2}
 
 
 def _merge(defaults: dict[str, Any], given: dict[str, Any] | None, what: str) -> dict[str, Any]:
-    from models.errors import did_you_mean
+    from interpzoo.models.errors import did_you_mean
 
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
     for k, v in (given or {}).items():
@@ -617,7 +617,7 @@ class ProtoPNetModule(ClassificationModule):
 
     # -- report -----------------------------------------------------------------------------------
     def write_report(self, out_dir: Path, datamodule: pl.LightningDataModule) -> list[Path]:
-        from metrics.protopnet_report import explanation_figure, prototype_gallery
+        from interpzoo.metrics.protopnet_report import explanation_figure, prototype_gallery
 
         figures = super().write_report(out_dir, datamodule)
         figures.append(prototype_gallery(self.net, datamodule, out_dir / "prototype_gallery.png"))

@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.normalize import InputNormalize
-from layers.prototype import PrototypeLayer
-from models.backbones import backbone_from_config, list_backbones
-from models.baseline import check_image_input
-from models.explain import Explanation, draw_prototype_explanation
-from models.outputs import ClassifierOutput
-from models.registry import register_architecture, register_model
+from interpzoo.layers.normalize import InputNormalize
+from interpzoo.layers.prototype import PrototypeLayer
+from interpzoo.models.backbones import backbone_from_config, list_backbones
+from interpzoo.models.baseline import check_image_input
+from interpzoo.models.explain import Explanation, draw_prototype_explanation
+from interpzoo.models.outputs import ClassifierOutput
+from interpzoo.models.registry import register_architecture, register_model
 
 __all__ = [
     "ProtoPNet",

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from models.protopnet import ProtoPNet, high_activation_boxes, upsample_maps
+from interpzoo.models.protopnet import ProtoPNet, high_activation_boxes, upsample_maps
 
 __all__ = [
     "PushCandidates",

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from models.errors import did_you_mean
+from interpzoo.models.errors import did_you_mean
 
 _ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 _MODELS: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -85,7 +85,7 @@ def resolve_model_name(name: str) -> tuple[str, dict[str, Any]]:
         return name, {}
     raise KeyError(
         f"unknown model {name!r}{did_you_mean(name, list(_MODELS) + list(_ARCHITECTURES))}; "
-        f"see models.list_models()"
+        f"see interpzoo.list_models()"
     )
 
 
@@ -110,6 +110,69 @@ def build_architecture(architecture: str, model_args: dict[str, Any]) -> nn.Modu
     return net
 
 
+# Lightning task name -> (module, class). The table is code: a checkpoint or a bundle names a task from
+# it and nothing else, so loading never imports or calls anything that a file names.
+_TASKS: dict[str, tuple[str, str]] = {
+    "classification": ("interpzoo.models.lit_base", "ClassificationModule"),
+    "reconstruction": ("interpzoo.models.lit_base", "ReconstructionModule"),
+    "protopnet": ("interpzoo.models.lit_protopnet", "ProtoPNetModule"),
+    "concept_whitening": ("interpzoo.models.concept_whitening", "ConceptWhiteningModule"),
+    "icnn": ("interpzoo.models.icnn", "ICNNModule"),
+    "senn": ("interpzoo.models.senn", "SENNModule"),
+    "soft_autoencoder": ("interpzoo.models.soft_autoencoder", "SoftAutoencoderModule"),
+}
+# Class paths written by interpzoo 0.1 (before the single namespace): read as the task they meant.
+_LEGACY_TASKS = {
+    "models.lit_base.ClassificationModule": "classification",
+    "models.lit_base.ReconstructionModule": "reconstruction",
+    "models.lit_protopnet.ProtoPNetModule": "protopnet",
+    "models.concept_whitening.ConceptWhiteningModule": "concept_whitening",
+    "models.icnn.ICNNModule": "icnn",
+    "models.senn.SENNModule": "senn",
+    "models.soft_autoencoder.SoftAutoencoderModule": "soft_autoencoder",
+}
+
+
+def list_tasks() -> list[str]:
+    """Registered Lightning task names (what checkpoints and bundles record)."""
+    return sorted(_TASKS)
+
+
+def task_class(name: str) -> type:
+    """The LightningModule class of a registered task name; anything else is refused before any import."""
+    import importlib
+
+    if not isinstance(name, str) or name not in _TASKS:
+        raise KeyError(
+            f"unknown task {name!r}{did_you_mean(str(name), _TASKS)}; a checkpoint or bundle may only name a "
+            f"registered task ({', '.join(list_tasks())}). Nothing it names is imported or called."
+        )
+    module, cls = _TASKS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def task_name(module: Any) -> str:
+    """The registered task name of a LightningModule instance or class."""
+    cls = module if isinstance(module, type) else type(module)
+    for name, (mod, qual) in _TASKS.items():
+        if cls.__module__ == mod and cls.__qualname__ == qual:
+            return name
+    raise KeyError(f"{cls.__module__}.{cls.__qualname__} is not a registered task; add it to registry._TASKS")
+
+
+def resolve_task(info: dict[str, Any]) -> str:
+    """The task name recorded in checkpoint/bundle metadata (``task``, or a legacy ``module_class``)."""
+    if "task" in info:
+        return info["task"]
+    legacy = info.get("module_class")
+    if isinstance(legacy, str) and legacy in _LEGACY_TASKS:
+        return _LEGACY_TASKS[legacy]
+    raise KeyError(
+        f"the file names no registered task (got module_class={legacy!r}); interpzoo loads only its own "
+        f"registered tasks ({', '.join(list_tasks())}) and never imports a class a file names"
+    )
+
+
 def create_model(name: str, pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
     """Create a network by registered name, e.g. ``create_model("baseline_resnet18s", num_classes=10)``.
 
@@ -120,7 +183,7 @@ def create_model(name: str, pretrained: bool | str = False, **kwargs: Any) -> nn
         **kwargs: constructor arguments overriding the registered defaults (nested dicts merge).
     """
     if pretrained or "." in name:
-        from models.bundle import load_pretrained
+        from interpzoo.models.bundle import load_pretrained
 
         source = pretrained if isinstance(pretrained, str) else name
         if kwargs:

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data._utils.collate import default_collate
 from torchmetrics import MeanMetric, MeanSquaredError
 
-from layers.normalize import InputNormalize
-from layers.senn import (
+from interpzoo.layers.normalize import InputNormalize
+from interpzoo.layers.senn import (
     PENALTY_METHODS,
     PENALTY_REDUCTIONS,
     PENALTY_TARGETS,
@@ -48,7 +48,7 @@ from layers.senn import (
     reconstruction_loss,
     robustness_loss,
 )
-from metrics.senn import (
+from interpzoo.metrics.senn import (
     LIPSCHITZ_METHODS,
     LIPSCHITZ_MODES,
     ConceptSparsity,
@@ -60,13 +60,13 @@ from metrics.senn import (
     input_faithfulness_scores,
     local_lipschitz,
 )
-from models.backbones import backbone_from_config, list_backbones
-from models.errors import did_you_mean
-from models.explain import SENNExplanation
-from models.lit_base import ClassificationModule, batch_input
-from models.outputs import ClassifierOutput
-from models.registry import register_architecture, register_model
-from models.surgery import find_modules, replace_modules
+from interpzoo.models.backbones import backbone_from_config, list_backbones
+from interpzoo.models.errors import did_you_mean
+from interpzoo.models.explain import SENNExplanation
+from interpzoo.models.lit_base import ClassificationModule, batch_input
+from interpzoo.models.outputs import ClassifierOutput
+from interpzoo.models.registry import register_architecture, register_model
+from interpzoo.models.surgery import find_modules, replace_modules
 
 
 @dataclass
@@ -706,7 +706,11 @@ class SENNModule(ClassificationModule):
 
     # -- report ----------------------------------------------------------------------------------
     def write_report(self, out_dir: Path, datamodule: pl.LightningDataModule) -> list[Path]:
-        from metrics.senn_reports import concept_prototypes_figure, reconstruction_figure, relevance_figure
+        from interpzoo.metrics.senn_reports import (
+            concept_prototypes_figure,
+            reconstruction_figure,
+            relevance_figure,
+        )
 
         paths = super().write_report(out_dir, datamodule)
         paths.append(

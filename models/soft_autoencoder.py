@@ -35,15 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from layers.normalize import InputNormalize
-from layers.soft_threshold import THRESHOLD_PARAMS, SoftThreshold
-from metrics.soft_autoencoder import CodeStatistics
-from models.baseline import check_image_input
-from models.explain import SoftAEExplanation, explain_soft_autoencoder
-from models.lit_base import ReconstructionModule, batch_input
-from models.outputs import NetworkOutput, ReconstructionOutput
-from models.registry import register_architecture, register_model
-from models.surgery import replace_modules
+from interpzoo.layers.normalize import InputNormalize
+from interpzoo.layers.soft_threshold import THRESHOLD_PARAMS, SoftThreshold
+from interpzoo.metrics.soft_autoencoder import CodeStatistics
+from interpzoo.models.baseline import check_image_input
+from interpzoo.models.explain import SoftAEExplanation, explain_soft_autoencoder
+from interpzoo.models.lit_base import ReconstructionModule, batch_input
+from interpzoo.models.outputs import NetworkOutput, ReconstructionOutput
+from interpzoo.models.registry import register_architecture, register_model
+from interpzoo.models.surgery import replace_modules
 
 ACTIVATIONS = ("soft", "relu", "linear")
 
@@ -299,7 +299,7 @@ def replace_relu_with_soft_threshold(
     Returns:
         the dotted names of the replaced modules.
     """
-    from models.surgery import find_modules, get_submodule
+    from interpzoo.models.surgery import find_modules, get_submodule
 
     names = find_modules(net, where)
     if not names:
@@ -522,7 +522,7 @@ class SoftAutoencoderModule(ReconstructionModule):
 
     def write_report(self, out_dir: Path, datamodule: pl.LightningDataModule) -> list[Path]:
         """Noisy/denoised/clean examples, learned thresholds per stage, first-layer filters (PNG)."""
-        from metrics.soft_autoencoder import denoising_figure, filters_figure, thresholds_figure
+        from interpzoo.metrics.soft_autoencoder import denoising_figure, filters_figure, thresholds_figure
 
         out_dir = Path(out_dir)
         paths = [

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = str(ROOT / "conf")
+CONF_DIR = str(ROOT / "conf")  # the same folder as interpzoo.cli.CONF_DIR in an editable install
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -49,7 +49,7 @@ def compose_config(config_name: str, overrides: list[str], out_dir: Path, shrink
 
 def fake_cub_fdr_overrides(experiment: str, tmp_path: Path) -> list[str]:
     """Overrides running a CUB ``experiment`` as a fast_dev_run on a tiny fake CUB tree written offline."""
-    from datamodules.testing import make_fake_cub
+    from interpzoo.datamodules.testing import make_fake_cub
 
     root = make_fake_cub(tmp_path / "cub", n_classes=3, n_per_class=4, size=48)
     return [

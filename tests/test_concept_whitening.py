@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.concept_whitening import (
+from interpzoo.layers.concept_whitening import (
     ConceptWhitening2d,
     SyncConceptWhitening2d,
     WhiteningDivergedError,
@@ -470,7 +470,7 @@ def test_sync_layer_under_two_process_ddp_equals_single_process(tmp_path) -> Non
 
 def test_divergence_residual_is_the_spectral_norm() -> None:
     """A diverged covariance can have every entry below 1 yet eigenvalues far outside [0, 2]."""
-    from layers.concept_whitening import whitening_residual
+    from interpzoo.layers.concept_whitening import whitening_residual
 
     c = 4
     sigma_n = torch.eye(c) + 0.58 * torch.ones(c, c)  # every error entry 0.58, largest eigenvalue 2.32

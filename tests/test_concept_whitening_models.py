@@ -13,9 +13,8 @@ from omegaconf import open_dict
 from pytorch_lightning import Callback
 from torch import nn
 
-from interpzoo.run import train
-from layers.concept_whitening import ConceptWhitening2d, SyncConceptWhitening2d, pool_axes
-from metrics.concept_whitening import (
+from interpzoo.layers.concept_whitening import ConceptWhitening2d, SyncConceptWhitening2d, pool_axes
+from interpzoo.metrics.concept_whitening import (
     ConceptAUC,
     ConceptSimilarity,
     PermutationImportance,
@@ -24,14 +23,15 @@ from metrics.concept_whitening import (
     binary_auc,
     linear_probe_auc,
 )
-from models import create_model, load_checkpoint, load_pretrained, save_pretrained
-from models.concept_whitening import (
+from interpzoo.models import create_model, load_checkpoint, load_pretrained, save_pretrained
+from interpzoo.models.concept_whitening import (
     ConceptWhiteningModule,
     SyncBatchNormAndConceptWhitening,
     concept_forward,
     paper_layer_names,
     replace_batchnorm,
 )
+from interpzoo.run import train
 from tests.conftest import TINY_DATA
 
 CONCEPTS = ["has_red", "has_striped", "has_circle"]
@@ -272,7 +272,7 @@ def test_short_training_learns_and_resume_keeps_the_rotation(make_cfg, tmp_path:
 
 
 def test_places365_recipe_on_fake_folders(make_cfg, tmp_path: Path) -> None:
-    from datamodules.testing import make_fake_image_folder
+    from interpzoo.datamodules.testing import make_fake_image_folder
 
     root = make_fake_image_folder(
         tmp_path / "places",

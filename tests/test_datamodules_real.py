@@ -12,18 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.base import DataError
-from datamodules.cub import CUB200DataModule, flip_permutation
-from datamodules.digits import DigitsDataModule
-from datamodules.image_folder import ImageFolderDataModule
-from datamodules.testing import (
+from interpzoo.datamodules.base import DataError
+from interpzoo.datamodules.cub import CUB200DataModule, flip_permutation
+from interpzoo.datamodules.digits import DigitsDataModule
+from interpzoo.datamodules.image_folder import ImageFolderDataModule
+from interpzoo.datamodules.testing import (
     CUB_PART_NAMES,
     make_fake_cifar10,
     make_fake_cub,
     make_fake_image_folder,
     make_fake_mnist,
 )
-from datamodules.torchvision_sets import CIFAR10DataModule, MNISTDataModule
+from interpzoo.datamodules.torchvision_sets import CIFAR10DataModule, MNISTDataModule
 
 DATA_INFO_KEYS = {
     "task",

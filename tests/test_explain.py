@@ -9,9 +9,9 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from models import create_model
-from models.captum_adapter import as_logits_module, default_gradcam_layer, gradcam_layer
-from models.explain import (
+from interpzoo.models import create_model
+from interpzoo.models.captum_adapter import as_logits_module, default_gradcam_layer, gradcam_layer
+from interpzoo.models.explain import (
     ClassifierExplanation,
     ConceptWhiteningExplanation,
     Explanation,
@@ -20,7 +20,7 @@ from models.explain import (
     SoftAEExplanation,
     explain,
 )
-from models.protopnet import PrototypeExplanation
+from interpzoo.models.protopnet import PrototypeExplanation
 
 BB = {"name": "resnet18s", "width": 8}
 K = 4

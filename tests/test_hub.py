@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from models import list_models
+from interpzoo.models import list_models
 from tests.conftest import ROOT
 
 

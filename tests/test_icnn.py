@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.part_filters import (
+from interpzoo.layers.part_filters import (
     FilterAssignment,
     InterpretableConv2d,
     PartFilterMask,
@@ -29,7 +29,7 @@ from layers.part_filters import (
     template_scores,
     template_shapes,
 )
-from metrics.icnn import LocationInstability, inferred_positions, part_dissection
+from interpzoo.metrics.icnn import LocationInstability, inferred_positions, part_dissection
 from tests.conftest import TINY_DATA
 
 
@@ -418,7 +418,7 @@ def test_part_dissection_detects_the_part_a_unit_fires_on() -> None:
 def test_append_interpretable_layer_to_a_torchvision_resnet() -> None:
     import torchvision
 
-    from models.icnn import attach_part_filters
+    from interpzoo.models.icnn import attach_part_filters
 
     net = torchvision.models.resnet18(weights=None, num_classes=3)
     (block,) = attach_part_filters(net, "layer3")
@@ -435,7 +435,7 @@ def test_append_interpretable_layer_to_a_torchvision_resnet() -> None:
 
 
 def test_icnn_network_placement_names_and_state() -> None:
-    from models import create_model, list_models
+    from interpzoo.models import create_model, list_models
 
     assert {"icnn_resnet18s", "icnn_vgg16_bn", "icnn_resnet50"} <= set(list_models("icnn_*"))
     net = create_model("icnn_resnet18s", num_classes=5, num_layers=2, mask_input=True)
@@ -458,7 +458,7 @@ def test_icnn_network_placement_names_and_state() -> None:
 
 
 def test_bundle_keeps_assignment_and_sharpness(tmp_path) -> None:
-    from models import create_model, load_pretrained, save_pretrained
+    from interpzoo.models import create_model, load_pretrained, save_pretrained
 
     net = create_model("icnn_resnet18s", num_classes=4, mask_style="official", learn_sharpness=True)
     net.assignments["icnn1"].filter_class.fill_(3)
@@ -503,7 +503,7 @@ def test_fdr_multi_and_single_category(make_cfg, tmp_path) -> None:
 
 
 def test_single_category_module_round_trips_hparams() -> None:
-    from models.icnn import ICNNModule
+    from interpzoo.models.icnn import ICNNModule
 
     info = {"num_classes": 10, "in_chans": 3, "mean": [0.5] * 3, "std": [0.25] * 3, "part_names": ["a", "b"]}
     m = ICNNModule(arch="icnn", data_info=info, mode="single", target_class=4)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from metrics.intrinsic_dim import twonn_dimension, twonn_ratios
-from models.optim import build_optimizer, build_scheduler
+from interpzoo.metrics.intrinsic_dim import twonn_dimension, twonn_ratios
+from interpzoo.models.optim import build_optimizer, build_scheduler
 
 
 @pytest.mark.parametrize("d", [2, 5])

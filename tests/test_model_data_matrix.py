@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.testing import make_fake_cifar10, make_fake_cub, make_fake_image_folder, make_fake_mnist
+from interpzoo.datamodules.testing import (
+    make_fake_cifar10,
+    make_fake_cub,
+    make_fake_image_folder,
+    make_fake_mnist,
+)
 from interpzoo.run import train
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.partshapes import ALL_COLOURS, PartShapesDataset, PartShapesRenderer
-from datamodules.partshapes_dm import PartShapesDataModule
+from interpzoo.datamodules.partshapes import ALL_COLOURS, PartShapesDataset, PartShapesRenderer
+from interpzoo.datamodules.partshapes_dm import PartShapesDataModule
 
 N = 200
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from interpzoo.models import load_checkpoint, load_pretrained
 from interpzoo.run import evaluate, train
-from models import load_checkpoint, load_pretrained
 from tests.conftest import TINY_DATA
 
 
@@ -107,7 +107,7 @@ def test_resume_from_last_checkpoint(make_cfg, tmp_path) -> None:
 
 
 def test_resume_refuses_checkpoint_of_another_model(make_cfg, tmp_path) -> None:
-    from models.checkpoint import CheckpointError
+    from interpzoo.models.checkpoint import CheckpointError
 
     train(
         make_cfg(

@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from layers.prototype import (
+from interpzoo.layers.prototype import (
     PrototypeLayer,
     avg_separation_cost,
     cluster_cost,
@@ -24,7 +24,7 @@ from layers.prototype import (
     separation_cost,
     squared_l2_distances,
 )
-from metrics.protopnet import (
+from interpzoo.metrics.protopnet import (
     ExplanationSize,
     PrototypeClassPurity,
     PrototypeConsistency,
@@ -36,9 +36,9 @@ from metrics.protopnet import (
     prototype_unique,
     stability_noise,
 )
-from models.lit_protopnet import ProtoPNetModule, phase_plan
-from models.protopnet import ProtoPNet, high_activation_boxes
-from models.protopnet_push import (
+from interpzoo.models.lit_protopnet import ProtoPNetModule, phase_plan
+from interpzoo.models.protopnet import ProtoPNet, high_activation_boxes
+from interpzoo.models.protopnet_push import (
     merge_candidates,
     nearest_patches,
     prune_keep_mask,
@@ -264,7 +264,7 @@ def test_phase_plan_reference_schedule() -> None:
 
 
 def _tiny_dm(**kw):
-    from datamodules.partshapes_dm import PartShapesDataModule
+    from interpzoo.datamodules.partshapes_dm import PartShapesDataModule
 
     args = {"num_classes": 3, "n_train": 48, "n_val": 16, "n_test": 16, "batch_size": 24, "cache": True}
     args.update(kw)
@@ -412,7 +412,7 @@ def test_part_purity_topk_matches_bruteforce_and_merges_like_ddp() -> None:
     metric = PrototypePartPurity([0, 1, 1], num_parts=q, k=4)
     for sl in (slice(0, 3), slice(3, 7), slice(7, 10)):
         metric.update(sims[sl], maps[sl], (32, 32), part_masks=masks[sl])
-    from metrics.protopnet import _argmax_locations
+    from interpzoo.metrics.protopnet import _argmax_locations
 
     expected = []
     for j in range(p):
@@ -499,8 +499,8 @@ def test_cub_recipe_composes_and_runs_fast_dev_run(make_cfg, tmp_path) -> None:
 
 def test_short_training_learns_exports_and_explains(make_cfg, tmp_path) -> None:
     """joint, joint+push, last on 960 images (60 joint steps): learns, exports a pushed bundle, explains."""
+    from interpzoo.models import load_checkpoint, load_pretrained
     from interpzoo.run import train
-    from models import load_checkpoint, load_pretrained
 
     metrics = train(
         make_cfg(
@@ -585,8 +585,8 @@ def test_lightning_ddp_sim_runs_every_phase_and_pushes_real_patches(make_cfg, tm
     prototypes are exact latent patches of own-class push images."""
     from hydra.utils import instantiate
 
+    from interpzoo.models import load_pretrained
     from interpzoo.run import train
-    from models import load_pretrained
 
     cfg = make_cfg(
         [

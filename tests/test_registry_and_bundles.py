@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from models import create_model, list_backbones, list_models, load_pretrained, save_pretrained
-from models.backbones import PretrainedWeightsError, build_backbone
-from models.bundle import BundleError
-from models.surgery import find_modules, replace_modules
+from interpzoo.models import create_model, list_backbones, list_models, load_pretrained, save_pretrained
+from interpzoo.models.backbones import PretrainedWeightsError, build_backbone
+from interpzoo.models.bundle import BundleError
+from interpzoo.models.surgery import find_modules, replace_modules
 
 
 @pytest.mark.parametrize("name", list_backbones())

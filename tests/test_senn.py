@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from layers.senn import (
+from interpzoo.layers.senn import (
     BatchCouplingError,
     concept_sparsity_loss,
     robustness_loss,
     robustness_residual,
 )
-from metrics.senn import (
+from interpzoo.metrics.senn import (
     ConceptSparsity,
     DeadConcepts,
     LocalLipschitz,
@@ -25,8 +25,8 @@ from metrics.senn import (
     local_lipschitz,
     pearson_rows,
 )
-from models import create_model
-from models.senn import SENN
+from interpzoo.models import create_model
+from interpzoo.models.senn import SENN
 
 # The CPUs here are shared: one thread avoids OpenMP oversubscription (10x+ faster under load).
 torch.set_num_threads(1)
@@ -203,7 +203,7 @@ def test_batchnorm_policies() -> None:
     assert not [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert any(isinstance(m, nn.GroupNorm) for m in net.modules())
     # keep: the loss refuses to run in training mode, naming the fix
-    from models.senn import SENNModule
+    from interpzoo.models.senn import SENNModule
 
     mod = SENNModule(
         arch="senn_resnet18s",

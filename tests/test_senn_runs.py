@@ -15,9 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.tabular import BreastCancerDataModule, CSVDataModule, WineDataModule, drop_conflicting_rows
-from interpzoo.run import train
-from metrics.senn import (
+from interpzoo.datamodules.tabular import (
+    BreastCancerDataModule,
+    CSVDataModule,
+    WineDataModule,
+    drop_conflicting_rows,
+)
+from interpzoo.metrics.senn import (
     ConceptSparsity,
     DeadConcepts,
     LocalLipschitz,
@@ -25,7 +29,8 @@ from metrics.senn import (
     concept_faithfulness_scores,
     fixed_subset_indices,
 )
-from models import load_checkpoint, load_pretrained
+from interpzoo.models import load_checkpoint, load_pretrained
+from interpzoo.run import train
 from tests.conftest import CONF_DIR, ROOT, TINY_DATA
 
 torch.set_num_threads(1)  # shared CPUs: avoid OpenMP oversubscription

@@ -8,10 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from layers.soft_threshold import SoftThreshold, haar_filters, soft_threshold
-from metrics.soft_autoencoder import CodeStatistics, code_sparsity, dead_units, hoyer_sparsity, psnr, ssim
-from models import create_model
-from models.soft_autoencoder import (
+from interpzoo.layers.soft_threshold import SoftThreshold, haar_filters, soft_threshold
+from interpzoo.metrics.soft_autoencoder import (
+    CodeStatistics,
+    code_sparsity,
+    dead_units,
+    hoyer_sparsity,
+    psnr,
+    ssim,
+)
+from interpzoo.models import create_model
+from interpzoo.models.soft_autoencoder import (
     SoftAutoencoder,
     SoftAutoencoderModule,
     replace_relu_with_soft_threshold,
@@ -311,7 +318,7 @@ def test_wavelet_baseline_denoises() -> None:
 
 # -- training --------------------------------------------------------------------------------------------------
 def test_training_reduces_denoising_error() -> None:
-    from datamodules.digits import load_digits_images
+    from interpzoo.datamodules.digits import load_digits_images
 
     torch.manual_seed(0)
     images, _ = load_digits_images((16, 16))
@@ -380,7 +387,7 @@ def test_fast_dev_run_relu_ae_digits(make_cfg) -> None:
 
 
 def test_fast_dev_run_rgb_image_folder(make_cfg, tmp_path) -> None:
-    from datamodules.testing import make_fake_image_folder
+    from interpzoo.datamodules.testing import make_fake_image_folder
     from interpzoo.run import train
 
     root = make_fake_image_folder(tmp_path / "images", n_per_class=4)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import list_pretrained, load_pretrained
-from models.registry import PRETRAINED_DIR
+from interpzoo.models import list_pretrained, load_pretrained
+from interpzoo.models.registry import PRETRAINED_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -92,7 +92,7 @@ def test_bundle_loads_without_pickle(name: str, monkeypatch: pytest.MonkeyPatch)
     if "test/acc" in cfg["metrics"]:
         assert len(data["class_names"]) == data["num_classes"] == cfg["model_args"]["num_classes"]
     # the same through a folder path and through create_model("name.tag")
-    from models import create_model
+    from interpzoo.models import create_model
 
     again = create_model(name)
     path_net = load_pretrained(PRETRAINED_DIR / name)
