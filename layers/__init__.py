@@ -2,7 +2,7 @@
 
 from interpzoo.layers.concept_whitening import ConceptWhitening2d, SyncConceptWhitening2d, pool_axes
 from interpzoo.layers.normalize import InputNormalize
-from interpzoo.layers.part_filters import (
+from interpzoo.layers.icnn import (
     FilterAssignment,
     FilterLossOutput,
     InterpretableConv2d,
@@ -11,7 +11,7 @@ from interpzoo.layers.part_filters import (
     filter_loss,
     part_templates,
 )
-from interpzoo.layers.prototype import (
+from interpzoo.layers.protopnet import (
     PrototypeLayer,
     avg_separation_cost,
     cluster_cost,
@@ -37,7 +37,7 @@ from interpzoo.layers.senn import (
     robustness_loss,
     robustness_residual,
 )
-from interpzoo.layers.soft_threshold import SoftThreshold, haar_filters, soft_threshold
+from interpzoo.layers.soft_autoencoder import SoftThreshold, haar_filters, soft_threshold
 
 __all__ = ["InputNormalize"]
 __all__ += ["SoftThreshold", "haar_filters", "soft_threshold"]

@@ -1,7 +1,7 @@
 """Interpretable CNNs (Zhang, Wu, Zhu, "Interpretable Convolutional Neural Networks", CVPR 2018).
 
 The network (:class:`ICNNNet`, architecture ``icnn``, model names ``icnn_<backbone>``) is a backbone
-trunk with one or more :class:`~layers.part_filters.InterpretableConv2d` layers inserted after a
+trunk with one or more :class:`~layers.icnn.InterpretableConv2d` layers inserted after a
 named module, then global average pooling and a linear classifier. Placement follows the paper and
 its reference code (``shared/specs/interpretable_cnn.md`` Sec. 2.3):
 
@@ -45,7 +45,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from interpzoo.layers.normalize import InputNormalize
-from interpzoo.layers.part_filters import (
+from interpzoo.layers.icnn import (
     FilterAssignment,
     FilterLossOutput,
     InterpretableConv2d,
@@ -181,11 +181,11 @@ class ICNNNet(nn.Module):
         placement: ``"auto"`` (see the module docstring) or a dotted submodule name of the trunk body.
         num_layers: interpretable layers stacked there (1 in the paper; the ResNet port uses 2).
         kernel_size, batch_norm, mask_input, beta, locate, mask_style, learn_sharpness, init_std:
-            see :class:`~layers.part_filters.InterpretableConv2d`.
+            see :class:`~layers.icnn.InterpretableConv2d`.
         use_mask: apply the part masks (``False`` gives the matched ordinary CNN with the same layers).
         dropout: before the classifier.
         assignment: ``"single"``, ``"static"`` or ``"dynamic"`` filter categories
-            (:class:`~layers.part_filters.FilterAssignment`); target_class: the single category.
+            (:class:`~layers.icnn.FilterAssignment`); target_class: the single category.
 
     Shape:
         ``(B, C_in, H, W)`` to :class:`ICNNOutput`.
@@ -262,7 +262,7 @@ class ICNNNet(nn.Module):
         return {f"icnn{k + 1}": self.get_submodule(p) for k, p in enumerate(self._block_paths)}
 
     def masks(self) -> dict[str, nn.Module]:
-        """The :class:`~layers.part_filters.PartFilterMask` of every part-feature name."""
+        """The :class:`~layers.icnn.PartFilterMask` of every part-feature name."""
         out: dict[str, nn.Module] = {}
         for name, block in self.blocks().items():
             for key, m in block.masks().items():
@@ -349,7 +349,7 @@ class ICNNModule(ClassificationModule):
             gradient injection; the MI is still logged).
         filter_loss: ``template_scale``, ``normalize`` (``none``/``max``), ``label_aware`` (use the
             category labels in the inter-category term), ``sync`` (global statistics under DDP),
-            ``reduction``, ``tau``, ``alpha``; see :func:`layers.part_filters.filter_loss`.
+            ``reduction``, ``tau``, ``alpha``; see :func:`layers.icnn.filter_loss`.
         official_grad: ``weight`` (1e-5), ``anneal`` (divide by 10 * epoch as the reference code),
             ``alpha`` (0.5).
         metrics: ``eval_layer`` (default: the last layer), ``top_m``, ``select_ratio``,

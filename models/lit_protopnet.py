@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from interpzoo.layers.prototype import avg_separation_cost, cluster_cost, l1_off_class, separation_cost
+from interpzoo.layers.protopnet import avg_separation_cost, cluster_cost, l1_off_class, separation_cost
 from interpzoo.metrics.protopnet import (
     HUANG_HALF_FRACTION,
     ExplanationSize,

@@ -4,7 +4,7 @@
 
 * a backbone :class:`~models.backbones.Trunk` (any of :func:`models.backbones.list_backbones`);
 * add-on 1x1 convolutions ending in a sigmoid, so latent vectors lie in ``[0, 1]^D``;
-* a :class:`layers.prototype.PrototypeLayer` (``m`` prototypes per class);
+* a :class:`layers.protopnet.PrototypeLayer` (``m`` prototypes per class);
 * a last layer ``W`` (``K x P``, no bias) initialised to ``+1`` for a prototype's own class and
   ``incorrect_strength`` (``-0.5``) otherwise.
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from interpzoo.layers.normalize import InputNormalize
-from interpzoo.layers.prototype import PrototypeLayer
+from interpzoo.layers.protopnet import PrototypeLayer
 from interpzoo.models.backbones import backbone_from_config, list_backbones
 from interpzoo.models.baseline import check_image_input
 from interpzoo.models.explain import Explanation, draw_prototype_explanation

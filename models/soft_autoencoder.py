@@ -36,7 +36,7 @@ from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from interpzoo.layers.normalize import InputNormalize
-from interpzoo.layers.soft_threshold import THRESHOLD_PARAMS, SoftThreshold
+from interpzoo.layers.soft_autoencoder import THRESHOLD_PARAMS, SoftThreshold
 from interpzoo.metrics.soft_autoencoder import CodeStatistics
 from interpzoo.models.baseline import check_image_input
 from interpzoo.models.explain import SoftAEExplanation, explain_soft_autoencoder
@@ -148,7 +148,7 @@ class SoftAutoencoder(nn.Module):
             unverified.
         activation: ``"soft"`` (the method), ``"relu"`` (the matched counterpart) or ``"linear"``.
         thr_init: initial soft threshold (in normalised code units).
-        thr_param: ``"abs"`` or ``"softplus"`` (see :class:`layers.soft_threshold.SoftThreshold`).
+        thr_param: ``"abs"`` or ``"softplus"`` (see :class:`layers.soft_autoencoder.SoftThreshold`).
         decoder_bias: give the transposed convolutions a bias (off: the decoder is linear, as a
             wavelet synthesis operator).
 

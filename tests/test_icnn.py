@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from interpzoo.layers.part_filters import (
+from interpzoo.layers.icnn import (
     FilterAssignment,
     InterpretableConv2d,
     PartFilterMask,

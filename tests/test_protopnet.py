@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from interpzoo.layers.prototype import (
+from interpzoo.layers.protopnet import (
     PrototypeLayer,
     avg_separation_cost,
     cluster_cost,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from interpzoo.layers.soft_threshold import SoftThreshold, haar_filters, soft_threshold
+from interpzoo.layers.soft_autoencoder import SoftThreshold, haar_filters, soft_threshold
 from interpzoo.metrics.soft_autoencoder import (
     CodeStatistics,
     code_sparsity,
