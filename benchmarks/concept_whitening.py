@@ -37,8 +37,9 @@ from interpzoo.metrics.concept_whitening import (
     linear_probe_auc,
 )
 from interpzoo.models.bundle import save_pretrained
-from interpzoo.models.concept_whitening import ConceptWhiteningModule, _layer_output
+from interpzoo.models.concept_whitening import forward_until
 from interpzoo.models.lit_base import ClassificationModule
+from interpzoo.models.lit_concept_whitening import ConceptWhiteningModule
 
 
 def _trainer(epochs: int) -> pl.Trainer:
@@ -63,7 +64,7 @@ def _concept_features(
     for j, c in enumerate(concepts):
         x = torch.stack([sets[c][i]["image"] for i in range(min(n, len(sets[c])))])
         for chunk in x.split(128):
-            maps.append(_layer_output(net, layer, chunk))
+            maps.append(forward_until(net, layer, chunk))
         labels.append(torch.full((x.shape[0],), j))
     return torch.cat(maps), torch.cat(labels)
 
@@ -74,7 +75,7 @@ def _decorrelation(net: torch.nn.Module, layer: str, dm: PartShapesDataModule, n
     for i, batch in enumerate(dm.test_dataloader()):
         if i >= n_batches:
             break
-        z = _layer_output(net, layer, batch["image"])
+        z = forward_until(net, layer, batch["image"])
         metric = metric or WhiteningCorrelation(z.shape[1])
         metric.update(z)
     return float(metric.compute()["offdiag_mean"])

@@ -20,7 +20,7 @@ import torch
 
 from interpzoo.api import quiet_trainer
 from interpzoo.datamodules.partshapes_dm import PartShapesDataModule
-from interpzoo.models.icnn import ICNNModule
+from interpzoo.models.lit_icnn import ICNNModule
 
 METRICS = (
     "test/acc",

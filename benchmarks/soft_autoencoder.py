@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 from interpzoo.api import quiet_trainer
 from interpzoo.metrics.soft_autoencoder import psnr, ssim
 from interpzoo.models.lit_base import batch_input
-from interpzoo.models.soft_autoencoder import SoftAutoencoderModule, universal_threshold, wavelet_shrinkage
+from interpzoo.models.lit_soft_autoencoder import SoftAutoencoderModule
+from interpzoo.models.soft_autoencoder import universal_threshold, wavelet_shrinkage
 
 MODELS = ("softae", "relu_ae")
 

@@ -21,13 +21,15 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from interpzoo.utils import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DataError(RuntimeError):
+class DataError(UsageError, RuntimeError):
     """A dataset is missing or malformed; the message says what to put where."""
 
 
@@ -157,15 +159,19 @@ class BaseDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
-    def push_dataloader(self) -> DataLoader:
+    def push_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Un-augmented training images in a fixed order, each with its ``"index"``.
 
         Used by procedures that scan the training set (ProtoPNet push, prototype metrics,
-        top-activating image reports). Not wrapped in a DistributedSampler by Lightning:
-        callers that shard it under DDP do so explicitly.
+        top-activating image reports). Lightning does not shard it: under DDP pass this process's
+        ``rank`` and the ``world_size`` to get the ``rank``-th of ``world_size`` interleaved shards
+        (:func:`shard_indices`); items keep their ``"index"`` in the whole push set, so shards can be
+        merged by sample id. The defaults give the whole set.
         """
         self.setup()
-        return self._loader(self.push_set, shuffle=False)
+        if self.push_set is None:
+            raise RuntimeError("setup() did not create the push split")
+        return self._loader(_shard(self.push_set, rank, world_size), shuffle=False)
 
     def concept_datasets(self, split: str = "train") -> dict[str, Dataset]:
         """One dataset of images per concept (concept whitening probe sets).
@@ -178,14 +184,110 @@ class BaseDataModule(pl.LightningDataModule):
         )
 
     def concept_dataloaders(
-        self, split: str = "train", batch_size: int | None = None
+        self,
+        split: str = "train",
+        batch_size: int | None = None,
+        concepts: Sequence[str] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool | None = None,
+        seed: int = 1234,
+        num_samples: int | None = None,
+        sample_seed: int | None = None,
     ) -> dict[str, DataLoader]:
+        """One DataLoader per concept probe set (:meth:`concept_datasets`), sharded across ranks.
+
+        Concept whitening (Chen, Bei & Rudin 2020, Eq. 3) aligns axis ``j`` with batches of
+        concept ``j``; :class:`~interpzoo.models.lit_concept_whitening.ConceptWhiteningModule` takes its
+        probe and held-out concept batches from here.
+
+        Args:
+            split: ``"train"`` (probe sets that align the axes) or ``"test"`` (held out for the metrics).
+            batch_size: images per batch and rank (``None``: :attr:`per_device_batch_size`).
+            concepts: concept names in axis order (``None``: every concept of the split, in its order);
+                the position ``j`` of a concept in this list seeds its loader.
+            rank, world_size: this process's shard under DDP (defaults: one process, the whole set).
+            shuffle: ``True``: a ``DistributedSampler`` (shuffled with seed ``seed + j``, one shard per rank,
+                also on one rank; call ``loader.sampler.set_epoch(e)`` for a new order) and the last
+                incomplete batch dropped when the set holds one batch per rank. ``False``: fixed order,
+                the ``rank``-th of ``world_size`` interleaved shards. ``None``: ``split == "train"``.
+            seed: base seed of the shuffled samplers.
+            num_samples: keep at most this many images per concept, chosen before sharding: the first
+                ones, or with ``sample_seed`` a fixed random subset (seed ``sample_seed + j``, sorted).
+            sample_seed: see ``num_samples``.
+
+        Returns:
+            ``{concept name: DataLoader}`` in the order of ``concepts``.
+        """
         self.setup()
+        sets = self.concept_datasets(split)
+        names = list(sets) if concepts is None else [str(c) for c in concepts]
+        missing = [c for c in names if c not in sets]
+        if missing:
+            raise DataError(
+                f"concept(s) {missing} have no {split} probe set in {type(self).__name__} (available: "
+                f"{list(sets)}); choose among them or add the concepts to the data config"
+            )
         bs = batch_size or self.per_device_batch_size
-        return {
-            name: DataLoader(ds, batch_size=bs, shuffle=split == "train", num_workers=0)
-            for name, ds in self.concept_datasets(split).items()
-        }
+        shuffle = split == "train" if shuffle is None else shuffle
+        loaders: dict[str, DataLoader] = {}
+        for j, name in enumerate(names):
+            ds: Dataset = sets[name]
+            if num_samples is not None:
+                n = min(len(ds), int(num_samples))
+                if sample_seed is None:
+                    idx = list(range(n))
+                else:
+                    g = torch.Generator().manual_seed(int(sample_seed) + j)
+                    idx = torch.randperm(len(ds), generator=g)[:n].sort().values.tolist()
+                ds = Subset(ds, idx)
+            if shuffle:
+                sampler = DistributedSampler(
+                    ds, num_replicas=world_size, rank=rank, shuffle=True, seed=int(seed) + j
+                )
+                loaders[name] = DataLoader(
+                    ds,
+                    batch_size=bs,
+                    sampler=sampler,
+                    num_workers=0,
+                    drop_last=len(ds) >= bs * world_size,
+                )
+            else:
+                loaders[name] = DataLoader(
+                    _shard(ds, rank, world_size), batch_size=bs, shuffle=False, num_workers=0
+                )
+        return loaders
+
+    def subset_dataloader(self, split: str, indices: Sequence[int], batch_size: int = 64) -> DataLoader:
+        """The items ``indices`` of ``split`` (train, val, test or push) in that order, unshuffled.
+
+        For metrics and report figures computed on a fixed subset (e.g. :func:`fixed_subset_indices`),
+        identical on every rank.
+        """
+        self.setup()
+        dataset = getattr(self, f"{split}_set", None)
+        if dataset is None:
+            raise DataError(
+                f"{type(self).__name__} has no {split!r} split; choose one of train, val, test, push"
+            )
+        return DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
+    """Indices ``rank, rank + world_size, ...`` of ``range(n)``: the ``rank``-th interleaved shard."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not a rank of world_size {world_size}")
+    return list(range(rank, n, world_size))
+
+
+def _shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
+    return dataset if world_size <= 1 else Subset(dataset, shard_indices(len(dataset), rank, world_size))
+
+
+def fixed_subset_indices(n: int, num: int, seed: int) -> list[int]:
+    """The same ``min(num, n)`` sorted indices of ``range(n)`` on every rank and every call."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=g)[: min(int(num), n)].sort().values.tolist()
 
 
 def class_names_or_default(names: Sequence[str] | None, num_classes: int) -> list[str]:

@@ -96,6 +96,12 @@ class PartShapesDataModule(BaseDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed)
+        for key, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+            if int(n) < 1:
+                raise DataError(
+                    f"data.{key}={n}: every split needs at least one sample (validation selects the checkpoint, "
+                    f"test gives the final metrics); set data.{key} to 1 or more"
+                )
         self.renderer = PartShapesRenderer(
             image_size=image_size,
             num_classes=num_classes,

@@ -23,9 +23,11 @@ import torch
 from torch.utils.data import Dataset
 
 from interpzoo.datamodules.base import BaseDataModule, DataError
-from interpzoo.models.errors import did_you_mean
+from interpzoo.utils import did_you_mean
 
 MISSING_TOKENS = {"", "na", "nan", "n/a", "null", "none", "?"}
+# field separators a CSV file may use instead of the configured one (data.delimiter)
+OTHER_DELIMITERS = (";", "\t", "|", ",")
 FEATURE_TRANSFORMS = ("sqrt", "log1p", "log")
 
 
@@ -281,21 +283,81 @@ class CSVDataModule(TabularDataModule):
         self.delimiter = delimiter
 
     def _read(self) -> tuple[list[str], list[list[str]]]:
+        if self.path.is_dir():
+            raise DataError(
+                f"data.path={self.path} is a folder; give the CSV file: path=/absolute/path/to/file.csv"
+            )
         if not self.path.is_file():
             raise DataError(f"CSV file not found: {self.path}; pass path=/absolute/path/to/file.csv")
-        with self.path.open(newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f, delimiter=self.delimiter))
-        rows = [r for r in rows if any(c.strip() for c in r)]
+        try:
+            with self.path.open(newline="", encoding="utf-8-sig") as f:
+                reader = csv.reader(f, delimiter=self.delimiter)
+                numbered = [(reader.line_num, row) for row in reader]
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{self.path} is not UTF-8 text (byte {e.start}: {e.reason}); save the table as UTF-8 CSV "
+                "(a spreadsheet's 'CSV UTF-8' export), or it is not a text table at all"
+            ) from None
+        except csv.Error as e:
+            raise DataError(
+                f"{self.path} is not a readable CSV table ({e}); check the file and data.delimiter"
+            ) from None
+        numbered = [(n, r) for n, r in numbered if any(c.strip() for c in r)]
+        rows = [r for _, r in numbered]
+        # the file's line number of every data row (blank lines skipped), for error messages
+        self._line_numbers = [n for n, _ in numbered[1:]]
         if len(rows) < 2:
             raise DataError(f"{self.path} has no data rows (expected a header row, then one row per sample)")
         header = [h.strip() for h in rows[0]]
-        bad = [i + 2 for i, r in enumerate(rows[1:]) if len(r) != len(header)]
+        self._check_delimiter(header)
+        bad = [self._line_numbers[i] for i, r in enumerate(rows[1:]) if len(r) != len(header)]
         if bad:
             raise DataError(
                 f"{self.path}: rows {bad[:5]} have a different number of fields than the header ({len(header)}); "
                 f"is the delimiter {self.delimiter!r} right? (set data.delimiter)"
             )
         return header, rows[1:]
+
+    def _check_delimiter(self, header: list[str]) -> None:
+        """A header read as one field (or fewer fields than a column list) that another separator splits."""
+        wanted = [self.target, *(self.features or []), *self.drop]
+        if all(name in header for name in wanted):
+            return
+        for other in OTHER_DELIMITERS:
+            if other == self.delimiter:
+                continue
+            fields = [h.strip() for cell in header for h in cell.split(other)]
+            if len(fields) > len(header) and self.target in fields:
+                shown = {"\t": "\\t"}.get(other, other)
+                raise DataError(
+                    f"{self.path} looks separated by {other!r}, not by {self.delimiter!r} (data.delimiter): its header "
+                    f"splits into {fields[:6]}{'...' if len(fields) > 6 else ''}; set data.delimiter='{shown}'"
+                )
+
+    def _numeric_column(self, name: str, values: list[str], line_numbers: list[int]) -> np.ndarray | None:
+        """The column as floats, ``None`` if it is text; a mostly-numeric column with a bad cell is an error."""
+        parsed = []
+        for v in values:
+            try:
+                parsed.append(float(v))
+            except ValueError:
+                parsed.append(None)
+        numbers = [p for p in parsed if p is not None]
+        if len(numbers) == len(values) and all(math.isfinite(p) for p in numbers):
+            return np.array(numbers, dtype=np.float64)
+        # Mostly numbers: a typo or an overflow, not a categorical column (one-hot encoding would turn the
+        # column into an indicator per distinct value and train on garbage without a word).
+        if len(numbers) < 0.5 * len(values):
+            return None
+        i = next(i for i, p in enumerate(parsed) if p is None or not math.isfinite(p))
+        bad = [j for j, p in enumerate(parsed) if p is None or not math.isfinite(p)]
+        more = f" ({len(bad) - 1} more such cells)" if len(bad) > 1 else ""
+        what = "an infinite number" if parsed[i] is not None and not math.isnan(parsed[i]) else "not a number"
+        raise DataError(
+            f"{self.path}, line {line_numbers[i]}, column {name!r}: {values[i]!r} is {what} in a numeric column{more}. "
+            f"Fix the cell, or leave it empty so that data.missing=drop drops the row, or leave the column out "
+            f"with data.drop=[{name}]"
+        )
 
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
         header, rows = self._read()
@@ -315,17 +377,19 @@ class CSVDataModule(TabularDataModule):
             raise DataError(f"{self.path}: no feature columns left after removing the target and data.drop")
         cols = {h: i for i, h in enumerate(header)}
         needed = [self.target, *used]
+        line_numbers = list(self._line_numbers)
         incomplete = [r for r, row in enumerate(rows) if any(_is_missing(row[cols[c]]) for c in needed)]
         if incomplete:
             if self.missing == "error":
                 row = rows[incomplete[0]]
                 col = next(c for c in needed if _is_missing(row[cols[c]]))
                 raise DataError(
-                    f"{self.path}: {len(incomplete)} rows have missing values (first: line {incomplete[0] + 2}, column "
+                    f"{self.path}: {len(incomplete)} rows have missing values (first: line {line_numbers[incomplete[0]]}, column "
                     f"{col!r}); set data.missing=drop to drop them"
                 )
             warnings.warn(f"{self.path}: dropped {len(incomplete)} rows with missing values", stacklevel=2)
             skip = set(incomplete)
+            line_numbers = [n for r, n in enumerate(line_numbers) if r not in skip]
             rows = [row for r, row in enumerate(rows) if r not in skip]
         if not rows:
             raise DataError(f"{self.path}: no complete rows")
@@ -358,8 +422,9 @@ class CSVDataModule(TabularDataModule):
         for c in used:
             values = [row[cols[c]].strip() for row in rows]
             nums = [_as_float(v) for v in values]
-            if all(v is not None for v in nums):
-                col = np.array(nums, dtype=np.float64)
+            numeric = self._numeric_column(c, values, line_numbers)
+            if numeric is not None:
+                col = numeric
                 t = self.feature_transforms.get(c)
                 if t in ("sqrt", "log") and (col < (0 if t == "sqrt" else 1e-300)).any():
                     raise DataError(

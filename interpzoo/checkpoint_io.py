@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from interpzoo.utils import atomic_open
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -17,19 +17,8 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     A run killed mid-write leaves the previous checkpoint intact, so ``ckpt_path=.../last.ckpt``
     always resumes from a complete file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(Path(path), "wb") as f:
+        torch.save(obj, f)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

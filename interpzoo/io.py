@@ -1,15 +1,14 @@
-"""Small file helpers: atomic JSON writes and plain-data conversion."""
+"""Plain-data conversion of tensors and numpy values, and atomic JSON writes of such data."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from interpzoo import utils
 
 
 def to_plain(value: Any) -> Any:
@@ -34,17 +33,8 @@ def to_plain(value: Any) -> Any:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON atomically (temporary file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_plain(data), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``data`` (tensors allowed, see :func:`to_plain`) as indented JSON atomically.
+
+    See :func:`interpzoo.utils.write_json` (temporary file, fsync, ``os.replace``).
+    """
+    return utils.write_json(path, to_plain(data))

@@ -4,7 +4,7 @@ Hydra reports a typo in a group option well, but a typo in a key only as "Could 
 a wrong constructor argument only at instantiation, after work has started. This module walks every
 ``_target_`` node, imports the callable, checks keys against its signature (with did-you-mean) and
 simple types against its annotations, checks registry names and data paths, and reports every
-problem at once (``shared/specs/ecosystem.md`` §4.7).
+problem at once.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import math
+import os
 import types
 import typing
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from interpzoo.models.errors import did_you_mean
+from interpzoo.utils import UsageError, did_you_mean
 
 _HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 # Arguments the runner passes itself, so a config need not (and must not) set them.
@@ -32,7 +34,7 @@ _PATH_KEYS = ("root", "path", "concepts_train_dir", "concepts_test_dir")
 _OWN_PACKAGES = ("models.", "datamodules.", "metrics.", "layers.", "interpzoo.")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """The composed config has problems; the message lists each with its fix."""
 
 
@@ -239,8 +241,250 @@ def _path_problems(data: DictConfig) -> list[str]:
     return problems
 
 
-def validate_config(cfg: DictConfig, required: tuple[str, ...] = ("data", "model", "trainer")) -> None:
-    """Raise :class:`ConfigError` listing every problem of the composed config, or return quietly."""
+# -- values: checked before anything is imported or started (light: no torch) --------------------------------
+
+# data.<key> -> (smallest allowed value, why); whole numbers
+_DATA_COUNTS = {
+    "n_train": (1, "a run needs training samples"),
+    "n_val": (1, "the validation split selects the checkpoint"),
+    "n_test": (1, "the test split gives the final metrics"),
+    "n_concept_train": (1, "each concept probe set needs images"),
+    "n_concept_test": (1, "each concept probe set needs images"),
+    "batch_size": (1, "samples per step"),
+    "num_workers": (0, "DataLoader worker processes; 0 loads in the main process"),
+    "num_classes": (2, "a classifier needs two classes or more"),
+}
+# data.<key> -> (low, high, low included): fractions of a split
+_DATA_FRACTIONS = {"val_fraction": (0.0, 1.0, True), "test_fraction": (0.0, 1.0, False)}
+EVAL_SPLITS = ("val", "test")
+# files and folders of a finished (or started) run: a new run into that folder would replace them
+RUN_RESULTS = ("metrics.json", "config.yaml", "bundle", "checkpoints")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _resolved(node: DictConfig, key: str) -> tuple[bool, Any]:
+    """``(True, value)`` for a set, resolvable value; ``(False, None)`` for ``???`` or a failing interpolation."""
+    if OmegaConf.is_missing(node, key):
+        return False, None
+    try:
+        return True, OmegaConf.select(node, key, throw_on_resolution_failure=True)
+    except Exception:  # noqa: BLE001 - ${hydra:...} before Hydra runs; reported where it is used
+        return False, None
+
+
+def _missing_problems(node: Any, path: str = "") -> list[str]:
+    """``key: ???`` values nobody set (without resolving anything)."""
+    problems: list[str] = []
+    if isinstance(node, DictConfig):
+        for key in node.keys():  # noqa: SIM118 - keys() lists ??? values, iteration over node does too
+            full = f"{path}.{key}" if path else str(key)
+            if full == "hydra" or key in _HYDRA_KEYS:
+                continue
+            if OmegaConf.is_missing(node, key):
+                problems.append(f"{full} is required (???): set it on the command line, e.g. {full}=...")
+            else:
+                problems += _missing_problems(node._get_node(key), full)
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            problems += _missing_problems(node._get_node(i), f"{path}[{i}]")
+    return problems
+
+
+def _optimizer_problems(node: Any, path: str) -> list[str]:
+    """Learning rates and weight decays anywhere under ``model`` (also in ``param_groups``)."""
+    problems: list[str] = []
+    if isinstance(node, DictConfig):
+        for key in node.keys():  # noqa: SIM118
+            full = f"{path}.{key}"
+            if key in ("lr", "weight_decay"):
+                ok, value = _resolved(node, str(key))
+                if not ok or value is None:
+                    continue
+                if (
+                    not _number(value)
+                    or not math.isfinite(value)
+                    or value < 0
+                    or (key == "lr" and value == 0)
+                ):
+                    what = (
+                        "the learning rate must be a finite number > 0"
+                        if key == "lr"
+                        else ("the weight decay must be a finite number >= 0")
+                    )
+                    example = "0.001" if key == "lr" else "0.0001"
+                    problems.append(f"{full}={value!r}: {what}; set e.g. {full}={example}")
+            else:
+                problems += _optimizer_problems(node._get_node(key), full)
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            problems += _optimizer_problems(node._get_node(i), f"{path}[{i}]")
+    return problems
+
+
+def _data_value_problems(data: DictConfig) -> list[str]:
+    problems: list[str] = []
+    for key, (low, why) in _DATA_COUNTS.items():
+        if key not in data:
+            continue
+        ok, value = _resolved(data, key)
+        if (
+            ok
+            and value is not None
+            and (not isinstance(value, int) or isinstance(value, bool) or value < low)
+        ):
+            problems.append(
+                f"data.{key}={value!r}: must be a whole number >= {low} ({why}); set data.{key}=..."
+            )
+    for key, (low, high, closed) in _DATA_FRACTIONS.items():
+        if key not in data:
+            continue
+        ok, value = _resolved(data, key)
+        if not ok or value is None:
+            continue
+        inside = _number(value) and (low <= value if closed else low < value) and value < high
+        if not inside:
+            interval = f"{'[' if closed else '('}{low:g}, {high:g})"
+            problems.append(
+                f"data.{key}={value!r}: a fraction of a split, must be in {interval}; set data.{key}=0.1"
+            )
+    if "image_size" in data:
+        ok, value = _resolved(data, "image_size")
+        sizes = list(value) if isinstance(value, list | tuple | ListConfig) else [value]
+        if (
+            ok
+            and value is not None
+            and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes)
+        ):
+            problems.append(f"data.image_size={value!r}: must be a side in pixels >= 1 (or [height, width])")
+    return problems
+
+
+def _checkpoint_path_problems(cfg: DictConfig, entry: str | None) -> list[str]:
+    if "ckpt_path" not in cfg or OmegaConf.is_missing(cfg, "ckpt_path"):
+        return []
+    ok, value = _resolved(cfg, "ckpt_path")
+    if not ok or value is None or value == "":
+        return []
+    path = Path(str(value)).expanduser()
+    if not path.exists():
+        what = (
+            "a .ckpt file or a bundle folder"
+            if entry == "eval"
+            else "a .ckpt file (e.g. <run>/checkpoints/last.ckpt)"
+        )
+        return [f"ckpt_path={value}: no such file or folder; give {what}"]
+    if path.is_dir():
+        if entry == "eval":
+            missing = [n for n in ("config.json", "model.safetensors") if not (path / n).is_file()]
+            if missing:
+                return [
+                    f"ckpt_path={value} is a folder but not a model bundle (it has no {' and no '.join(missing)}); "
+                    "give a .ckpt file or a bundle folder (<run>/bundle)"
+                ]
+            return []
+        hint = (
+            " (it is a bundle: evaluate it with `python eval.py ckpt_path=...`)"
+            if (path / "config.json").is_file()
+            else ""
+        )
+        return [
+            f"ckpt_path={value} is a folder{hint}; a run resumes from a Lightning checkpoint file, "
+            "e.g. ckpt_path=<run>/checkpoints/last.ckpt"
+        ]
+    return []
+
+
+def value_problems(cfg: DictConfig, entry: str | None = None) -> list[str]:
+    """Problems of the config's values that need no import: ``???`` left unset, learning rates, split sizes
+    and fractions, ``split``, ``seed``, ``overwrite``, ``ckpt_path`` and data paths.
+
+    ``entry`` is ``"train"`` or ``"eval"`` (the command), ``None`` when unknown. Used by :func:`check_run`
+    before Hydra starts, by :mod:`interpzoo.cli` before the heavy imports, and by :func:`validate_config`.
+    """
+    problems: list[str] = []
+    for problem in _missing_problems(cfg):
+        if problem.startswith("ckpt_path "):
+            problem = (
+                "eval needs ckpt_path=<a .ckpt file or a bundle folder>, e.g. "
+                "python eval.py ckpt_path=logs/train/runs/<run>/bundle"
+            )
+        problems.append(problem)
+    if isinstance(cfg.get("model"), DictConfig):
+        problems += _optimizer_problems(cfg.model, "model")
+    if isinstance(cfg.get("data"), DictConfig):
+        problems += _data_value_problems(cfg.data)
+        problems += _path_problems(cfg.data)
+    if isinstance(cfg.get("trainer"), DictConfig):
+        for key in ("max_epochs", "max_steps"):
+            ok, value = _resolved(cfg.trainer, key) if key in cfg.trainer else (False, None)
+            if (
+                ok
+                and value is not None
+                and (not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1))
+            ):
+                problems.append(f"trainer.{key}={value!r}: must be a whole number >= 1, or -1 for no limit")
+    for key, kind in (("seed", int), ("overwrite", bool)):
+        if key not in cfg:
+            continue
+        ok, value = _resolved(cfg, key)
+        if (
+            ok
+            and value is not None
+            and (not isinstance(value, kind) or (kind is int and isinstance(value, bool)))
+        ):
+            expected = "a whole number" if kind is int else "true or false"
+            problems.append(f"{key}={value!r}: must be {expected}")
+    if entry == "eval" and "split" in cfg:
+        ok, split = _resolved(cfg, "split")
+        if ok and split not in EVAL_SPLITS:
+            problems.append(
+                f"split={split!r}: eval evaluates the val or the test split{did_you_mean(str(split), EVAL_SPLITS) or ';'} "
+                "set split=val or split=test"
+            )
+    problems += _checkpoint_path_problems(cfg, entry)
+    return problems
+
+
+def run_folder_problems(out_dir: str | Path, cfg: DictConfig, entry: str | None = None) -> list[str]:
+    """Refuse a run into a folder that holds another run's results (:data:`RUN_RESULTS`).
+
+    Allowed with ``overwrite=true``, and for ``python train.py ckpt_path=<run>/checkpoints/<file>.ckpt``
+    resuming into its own folder ``<run>``.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        return [f"the run folder {out} is a file; choose another folder with hydra.run.dir=<folder>"]
+    if not out.is_dir():
+        return []
+    found = [
+        n for n in RUN_RESULTS if (out / n).is_file() or ((out / n).is_dir() and any((out / n).iterdir()))
+    ]
+    if not found or cfg.get("overwrite") is True:
+        return []
+    ok, ckpt = _resolved(cfg, "ckpt_path") if "ckpt_path" in cfg else (False, None)
+    if entry != "eval" and ok and ckpt:
+        with contextlib.suppress(OSError, ValueError):
+            Path(str(ckpt)).expanduser().resolve().relative_to(out.resolve())
+            return []  # resuming a run into its own folder
+    resume = out / "checkpoints" / "last.ckpt"
+    hint = f", resume it with ckpt_path={resume}" if entry != "eval" and resume.is_file() else ""
+    return [
+        f"the run folder {out} already holds another run's results ({', '.join(found)}), and a run never "
+        f"replaces them: leave hydra.run.dir out for a new timestamped folder or choose a new one{hint}, "
+        "or add overwrite=true to replace them"
+    ]
+
+
+def validate_config(
+    cfg: DictConfig, required: tuple[str, ...] = ("data", "model", "trainer"), entry: str | None = None
+) -> None:
+    """Raise :class:`ConfigError` listing every problem of the composed config, or return quietly.
+
+    ``entry`` (``"train"``/``"eval"``) selects the command-specific value checks of :func:`value_problems`.
+    """
     problems: list[str] = []
     for group in required:
         if group not in cfg or cfg[group] is None:
@@ -256,47 +500,103 @@ def validate_config(cfg: DictConfig, required: tuple[str, ...] = ("data", "model
         problems += _signature_problems(path, node, target)
     if "model" in cfg and cfg.model is not None:
         problems += _model_problems(cfg.model)
-    if "data" in cfg and cfg.data is not None:
-        problems += _path_problems(cfg.data)
+    problems += value_problems(cfg, entry)
     if problems:
+        problems = list(dict.fromkeys(problems))  # a ??? value is found by two checks
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
-def check_override_keys(config_dir: str, config_name: str, overrides: list[str]) -> None:
+def _parse_overrides(overrides: list[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - syntax errors are reported by Hydra itself, with the position
+        return []
+
+
+def _is_group(name: str, groups: set[str]) -> bool:
+    """``model``, ``hparams_search``, ``hydra/launcher``: a config group (a folder), not a key."""
+    return "/" in name or name in groups
+
+
+def _compose_overrides(parsed: list[Any], groups: set[str], extra_config_dir: str | None) -> list[str]:
+    """The overrides that shape the job config: group choices (a sweep's first choice) and ``+``/``~`` edits."""
+    out: list[str] = []
+    searchpath: list[str] = []
+    for o in parsed:
+        name = o.key_or_group
+        if name == "hydra.searchpath":
+            searchpath += [str(v) for v in (o.value() or [])]
+            continue
+        if name == "hydra" or name.startswith(("hydra.", "hydra/")):
+            continue  # Hydra's own settings and groups shape the hydra node only
+        if not _is_group(name, groups) and not (o.is_add() or o.is_delete() or o.is_force_add()):
+            continue  # a plain key: looked up, not composed
+        if o.is_sweep_override():
+            first = next(iter(o.sweep_string_iterator()), None)
+            if first is not None:
+                out.append(f"{o.get_key_element()}={first}")
+        else:
+            out.append(o.input_line)
+    if extra_config_dir is not None:
+        searchpath.append(f"file://{Path(extra_config_dir).resolve()}")
+    if searchpath:
+        out.append("hydra.searchpath=[" + ",".join(searchpath) + "]")
+    return out
+
+
+def check_override_keys(
+    config_dir: str, config_name: str, overrides: list[str], extra_config_dir: str | None = None
+) -> None:
     """Did-you-mean for ``key=value`` overrides naming keys that do not exist.
 
-    Composes the config with the group choices of ``overrides`` only, then looks up every other
-    plain override (not ``+key``/``~key``/``++key``, not ``hydra.*``). Raises :class:`ConfigError`.
+    Composes the config with the group choices and ``+``/``~`` edits of ``overrides`` (a sweep's first
+    choice; ``extra_config_dir`` is Hydra's ``--config-dir``), then looks up every other plain override.
+    Never blocks what Hydra owns: ``hydra.*`` keys, ``hydra/<group>=`` choices, ``+key=`` additions,
+    ``???`` values set on the command line, sweeps (``seed=0,1``). A command line asking for a sweeper
+    or launcher plugin that is not installed gets the extra to install. Raises :class:`ConfigError`.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from interpzoo.sweeps import missing_plugins
+
+    problems = missing_plugins(overrides)
+    if problems:
+        raise ConfigError("missing plugin:\n  - " + "\n  - ".join(problems))
     groups = {p.name for p in Path(config_dir).iterdir() if p.is_dir()}
-    plain, group_choices = [], []
-    for o in overrides:
-        if "=" not in o or o.startswith(("+", "~", "-")):
+    parsed = _parse_overrides(overrides)
+    plain = []
+    for o in parsed:
+        name = o.key_or_group
+        if o.is_add() or o.is_delete() or o.is_force_add() or name == "hydra" or name.startswith("hydra."):
             continue
-        key = o.split("=", 1)[0]
-        if key.startswith("hydra.") or key == "hydra":
-            continue
-        (group_choices if key in groups or key.split("@")[0] in groups else plain).append(o)
+        if not _is_group(name, groups):
+            plain.append((o.input_line, name))
     if not plain:
         return
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=group_choices)
+            cfg = compose(
+                config_name=config_name,
+                overrides=_compose_overrides(parsed, groups, extra_config_dir),
+                return_hydra_config=True,
+            )
     except Exception:  # noqa: BLE001 - group typos etc. are reported by Hydra itself with its option list
         return
     finally:
         GlobalHydra.instance().clear()
-    problems = []
-    for o in plain:
-        key = o.split("=", 1)[0]
+    problems = missing_plugins([], composed=cfg)
+    if problems:
+        raise ConfigError("missing plugin:\n  - " + "\n  - ".join(problems))
+    for o, key in plain:
         node: Any = cfg
         walked: list[str] = []
         for part in key.split("."):
-            if isinstance(node, DictConfig) and part in node:
+            # keys() lists ??? (MISSING) values too, which `part in node` does not
+            if isinstance(node, DictConfig) and part in node.keys():  # noqa: SIM118
                 node = node._get_node(part)
                 node = node if isinstance(node, DictConfig | ListConfig) else None
                 walked.append(part)
@@ -312,3 +612,116 @@ def check_override_keys(config_dir: str, config_name: str, overrides: list[str])
             break
     if problems:
         raise ConfigError("invalid override:\n  - " + "\n  - ".join(problems))
+
+
+def check_command_line(config_dir: str, config_name: str, argv: list[str]) -> None:
+    """:func:`check_override_keys` for a whole command line, parsed as Hydra parses it.
+
+    Honours ``--config-dir``/``-cd`` (an extra config folder) and ``--config-name``/``-cn``; flags such as
+    ``-m``, ``--cfg job`` or ``--info`` are Hydra's. With ``--config-path``/``-cp`` (another primary
+    folder) or ``--shell-completion`` nothing is checked here; Hydra reports what it finds.
+    """
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args, _ = get_args_parser().parse_known_args(argv)
+    except SystemExit:  # argparse's own usage error; Hydra prints it again with its usage line
+        return
+    if args.config_path is not None or args.shell_completion:
+        return
+    if args.config_dir is not None and not Path(args.config_dir).is_dir():
+        raise ConfigError(
+            f"--config-dir {args.config_dir!r}: no such folder; give an existing folder of configs"
+        )
+    check_override_keys(config_dir, args.config_name or config_name, list(args.overrides), args.config_dir)
+
+
+def _is_child_rank() -> bool:
+    """A DDP process other than the first (Lightning's re-launched scripts, torchrun, SLURM tasks).
+
+    Those start after (or with) rank 0 in the same run folder, which rank 0 may already have written to.
+    """
+    return any(
+        int(os.environ.get(k, "0") or 0) > 0 for k in ("LOCAL_RANK", "RANK", "NODE_RANK", "SLURM_PROCID")
+    )
+
+
+def check_run_folder(out_dir: str | Path, cfg: DictConfig, entry: str | None = None) -> None:
+    """Raise :class:`ConfigError` from :func:`run_folder_problems` (never in a DDP child rank)."""
+    if _is_child_rank():
+        return
+    problems = run_folder_problems(out_dir, cfg, entry)
+    if problems:
+        raise ConfigError("refusing to overwrite: " + " ".join(problems))
+
+
+def check_values(cfg: DictConfig, entry: str | None = None) -> None:
+    """Raise :class:`ConfigError` listing :func:`value_problems`."""
+    problems = value_problems(cfg, entry)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _missing_option(e: Exception) -> ConfigError:
+    """Hydra's "Could not find 'model/protopnett'" as one line with did-you-mean and the options."""
+    missing = str(getattr(e, "missing_cfg_file", "") or "")
+    options = [str(o) for o in (getattr(e, "options", None) or [])]
+    group, _, name = missing.rpartition("/")
+    if not group or not options:
+        return ConfigError(str(e).split("\nConfig search path")[0])
+    return ConfigError(
+        f"{group}={name}: there is no such option{did_you_mean(name, options) or '.'} Choose one of "
+        f"{', '.join(options)} (the files in conf/{group}/, or your own with --config-dir)."
+    )
+
+
+def check_run(config_dir: str, config_name: str, argv: list[str], entry: str | None = None) -> None:
+    """Before Hydra starts a single run: the composed config's values and the run folder.
+
+    Composes the whole command line (not for ``-m`` or a config that sets ``hydra.mode: MULTIRUN``; their jobs
+    are checked inside the job, see :mod:`interpzoo.cli`), then raises :class:`ConfigError` for a config group
+    option that does not exist, for :func:`value_problems` and for :func:`run_folder_problems` of
+    ``hydra.run.dir``, so that nothing is created or replaced. Anything else Hydra reports itself.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import MissingConfigException
+
+    if "--version" in argv:
+        return
+    try:
+        args, _ = get_args_parser().parse_known_args(argv)
+    except SystemExit:
+        return
+    if args.config_path is not None or args.shell_completion or args.help or args.hydra_help or args.info:
+        return  # nothing runs, or Hydra looks elsewhere for the config
+    if args.cfg is not None or args.multirun or args.experimental_rerun is not None:
+        return
+    search = [f"file://{Path(args.config_dir).resolve()}"] if args.config_dir else []
+    overrides = list(args.overrides)
+    if search:
+        overrides.append("hydra.searchpath=[" + ",".join(search) + "]")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            cfg = compose(
+                config_name=args.config_name or config_name, overrides=overrides, return_hydra_config=True
+            )
+    except MissingConfigException as e:
+        raise _missing_option(e) from None
+    except Exception:  # noqa: BLE001 - sweeps, syntax errors...: Hydra reports them with its own message
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    if str(cfg.hydra.get("mode") or "") == "MULTIRUN":
+        return
+    check_values(cfg, entry)
+    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.cwd} in paths.*, hence in hydra.run.dir
+    try:
+        run_dir = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=True)
+    except Exception:  # noqa: BLE001 - an unresolvable run folder is Hydra's to report
+        return
+    if run_dir:
+        check_run_folder(Path(str(run_dir)), cfg, entry)

@@ -31,6 +31,7 @@ __all__ = [
     "prototype_class_identity",
     "separation_cost",
     "squared_l2_distances",
+    "upsample_maps",
 ]
 
 _ACTIVATIONS = ("log", "linear")
@@ -286,3 +287,15 @@ def l1_off_class(weight: torch.Tensor, class_identity: torch.Tensor) -> torch.Te
             f"weight {tuple(weight.shape)} does not match class identity {tuple(class_identity.shape)}^T"
         )
     return (weight * (1.0 - class_identity.t())).abs().sum()
+
+
+def upsample_maps(maps: torch.Tensor, size: Sequence[int], chunk: int = 256) -> torch.Tensor:
+    """Bicubic upsampling of ``(N, h, w)`` maps to ``(N, H, W)`` (the reference uses ``cv2.INTER_CUBIC``)."""
+    out = []
+    for part in maps.float().split(chunk):
+        out.append(
+            F.interpolate(
+                part.unsqueeze(1), size=tuple(int(s) for s in size), mode="bicubic", align_corners=False
+            ).squeeze(1)
+        )
+    return torch.cat(out) if out else maps.new_zeros((0, *size))

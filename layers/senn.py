@@ -23,7 +23,7 @@ PyTorch (no Lightning, no Hydra) and works on already normalised inputs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from torch import nn
 PENALTY_TARGETS = ("logits", "log_probs")
 PENALTY_REDUCTIONS = ("mean", "rms", "batch_fro", "none")
 PENALTY_METHODS = ("stopgrad", "jacobian")
+# Values of SENNModule's ``penalty_method``: the exact methods, plus the cheaper unbiased estimate
+# :func:`subbatch_robustness_loss` (exact ``stopgrad`` penalty of a random part of the batch).
+PENALTY_OPTIONS = (*PENALTY_METHODS, "subbatch")
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
@@ -594,6 +597,71 @@ def robustness_loss(
         return torch.linalg.vector_norm(residual) / math.sqrt(batch)
     per_sample = torch.linalg.vector_norm(residual.flatten(1), dim=1)  # zero-safe gradient, unlike sqrt
     return per_sample if reduction == "none" else per_sample.mean()
+
+
+def subbatch_robustness_loss(
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    x: torch.Tensor,
+    fraction: float = 0.125,
+    *,
+    generator: torch.Generator | None = None,
+    target: str = "logits",
+    reduction: str = "mean",
+    input_scale: torch.Tensor | None = None,
+    method: str = "stopgrad",
+    create_graph: bool = True,
+) -> torch.Tensor:
+    """Unbiased sub-batch estimate of :func:`robustness_loss` over the batch ``x`` (a cheaper option).
+
+    The exact penalty of the paper (Section 3, ``L_theta``) costs ``C`` (``stopgrad``) vector-Jacobian
+    products through the network *and* their double backward for every sample of the batch. This
+    estimate draws ``s = max(1, round(fraction * B))`` samples without replacement, runs ``forward`` on
+    them alone (a fresh input leaf, so every product and the double backward involve ``s`` samples, not
+    ``B``) and returns their exact penalty:
+
+    * ``reduction="mean"`` (the default): ``mean_{b in S} ||R_b||_F`` has expectation
+      ``mean_b ||R_b||_F``, the exact penalty, and so does its gradient: training follows the exact
+      objective in expectation (an SGD-style estimate with variance ``(1 - s/B) var_b ||R_b||_F / s``);
+    * ``rms`` and ``batch_fro``: the estimate's *square* is unbiased (``batch_fro`` is rescaled by
+      ``sqrt(B / s)``); the estimate itself is biased low by Jensen's inequality, by at most the relative
+      spread of the per-sample norms.
+
+    What changes: the penalty is a noisy estimate (its logged value varies from batch to batch more than
+    the exact one), it is computed on a second forward pass of the ``s`` samples (dropout draws its own
+    masks there), and the step costs roughly ``fraction`` of the exact penalty's extra work, plus the
+    per-operation overhead of small batches.
+
+    Args:
+        forward: maps an input ``(s, *input)`` to ``(concepts, relevances, logits)``, e.g.
+            ``lambda z: (o := net(z)).concepts, o.relevances, o.logits``; it must treat samples
+            independently (:func:`assert_per_sample`).
+        x: the batch ``(B, *input)`` (need not require grad).
+        fraction: share of the batch whose penalty is computed, in ``(0, 1]``.
+        generator: random source of the sub-batch (default: the global one).
+        target, reduction, input_scale, method, create_graph: as :func:`robustness_loss`
+            (``reduction="none"`` is not an estimate of anything and is refused).
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"the sub-batch fraction must be in (0, 1], got {fraction}")
+    if reduction not in PENALTY_REDUCTIONS or reduction == "none":
+        raise ValueError(f"sub-batch penalty reduction must be mean, rms or batch_fro, got {reduction!r}")
+    batch = x.shape[0]
+    size = max(1, round(fraction * batch))
+    idx = torch.randperm(batch, generator=generator)[:size].to(x.device)
+    xs = x.detach()[idx].clone().requires_grad_(True)
+    concepts, relevances, logits = forward(xs)
+    loss = robustness_loss(
+        xs,
+        concepts,
+        relevances,
+        logits,
+        target=target,
+        reduction="rms" if reduction == "batch_fro" else reduction,
+        input_scale=input_scale,
+        method=method,
+        create_graph=create_graph,
+    )
+    return loss * math.sqrt(batch) if reduction == "batch_fro" else loss
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Interpretability metrics (torchmetrics ``Metric``s with DDP-reducible state), callbacks and report figures."""
+"""Interpretability metrics: tensors in, numbers out (torchmetrics ``Metric``s with DDP-reducible state).
+
+Nothing here imports a network, a datamodule, Lightning or matplotlib; report figures and metric callbacks
+live in :mod:`interpzoo.reports`.
+"""
 
 from interpzoo.metrics.concept_whitening import (
     ConceptAUC,

@@ -1,7 +1,8 @@
-"""Concept whitening metrics and report figures (``shared/specs/metrics.md`` A.1).
+"""Concept whitening metrics (Chen, Bei & Rudin, "Concept whitening for interpretable image recognition",
+Nature Machine Intelligence 2(12):772-782, 2020). Tensors in, numbers out.
 
 * :class:`ConceptAUC`: concept purity, the one-vs-all AUC of an axis score on held-out concept images
-  (Chen, Bei & Rudin 2020, Fig. 4; reference ``plot_auc_cw``), exact (Mann-Whitney with ties) from
+  (paper Fig. 4; reference ``plot_auc_cw``), exact (Mann-Whitney with ties) from
   all-gathered scores, plus the std over 5 random folds of the reference protocol;
 * :func:`best_filter_auc` and :func:`linear_probe_auc`: the baselines on the matched BN model
   (reference ``plot_auc_filter`` and ``plot_auc_lm``, a TCAV-style concept activation vector);
@@ -10,23 +11,21 @@
 * :class:`WhiteningCorrelation`: decorrelation of the whitened layer from ``sum z``, ``sum z z^T``, ``n``;
 * :func:`rotation_orthogonality_error`;
 * :class:`PermutationImportance`: loss / error increase when one axis is permuted across the batch
-  (reference ``concept_permutation_importance``; Fisher, Rudin & Dominici's model reliance);
-* figures: :func:`top_activating_figure` and :func:`correlation_heatmap_figure`.
+  (reference ``concept_permutation_importance``; Fisher, Rudin & Dominici's model reliance).
+
+The report figures (top-activating images, correlation heatmaps) are in
+:mod:`interpzoo.reports.concept_whitening`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torchmetrics import Metric  # noqa: E402
-from torchmetrics.utilities import dim_zero_cat  # noqa: E402
+import numpy as np
+import torch
+from torchmetrics import Metric
+from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.utilities import dim_zero_cat
 
 __all__ = [
     "ConceptAUC",
@@ -36,28 +35,34 @@ __all__ = [
     "best_filter_auc",
     "binary_auc",
     "concept_aucs",
-    "correlation_heatmap_figure",
     "linear_probe_auc",
     "rotation_orthogonality_error",
-    "top_activating_figure",
 ]
 
 
 def binary_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """Mann-Whitney AUC: ``P(s(p) > s(n)) + P(s(p) = s(n)) / 2`` over positive/negative pairs.
+    """Mann-Whitney AUC ``P(s(p) > s(n)) + P(s(p) = s(n)) / 2`` over positive/negative pairs.
 
-    Computed from average ranks (ties share their rank), so it equals the pairwise definition of
-    metrics A.1 exactly. ``nan`` when a class is empty.
+    Computed by ``torchmetrics.functional.classification.binary_auroc`` (exact ROC, ties handled by the
+    trapezoid, which equals the pairwise definition with half credit for ties). ``nan`` when a class is
+    empty or a score is NaN.
+
+    torchmetrics reads scores outside ``[0, 1]`` as logits and applies a sigmoid, which saturates (ties
+    large scores) in floating point; the scores are therefore first mapped to ``[0, 1]`` by an increasing
+    affine map, which leaves the ROC unchanged. The AUC is accumulated in float32 by torchmetrics (about
+    1e-7 from the float64 rank formula).
+
+    Args:
+        scores: ``(N,)`` scores; positive: ``(N,)`` bool (or 0/1) labels.
     """
-    from scipy.stats import rankdata
-
-    s = np.asarray(scores.detach().double().cpu())
-    p = np.asarray(positive.detach().bool().cpu())
-    n_pos, n_neg = int(p.sum()), int((~p).sum())
-    if n_pos == 0 or n_neg == 0:
+    s = scores.detach().double().cpu().flatten()
+    p = positive.detach().bool().cpu().flatten()
+    n_pos = int(p.sum())
+    if n_pos == 0 or n_pos == p.numel() or bool(torch.isnan(s).any()):
         return float("nan")
-    ranks = rankdata(s)
-    return float((ranks[p].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    lo, hi = s.min(), s.max()
+    s = (s - lo) / (hi - lo) if hi > lo else torch.zeros_like(s)
+    return float(binary_auroc(s, p.long(), validate_args=False))
 
 
 def concept_aucs(
@@ -295,72 +300,3 @@ class PermutationImportance(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         n = self.n.clamp(min=1)
         return {"loss_increase": self.d_loss / n, "error_increase": self.d_err / n}
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------------------------
-def _save(fig: Any, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def top_activating_figure(
-    images: torch.Tensor, scores: torch.Tensor, concept_names: list[str], path: Path, k: int = 8
-) -> Path:
-    """Per concept axis (row), the ``k`` images with the highest score ``phi(z_j)``.
-
-    The reference ``plot_concept_top50`` shows 50 per axis on the Places365 validation set.
-
-    Args:
-        images: ``(N, C, H, W)`` in ``[0, 1]``.
-        scores: ``(N, K)`` axis scores.
-    """
-    n_concepts = len(concept_names)
-    k = min(k, images.shape[0])
-    fig, axes = plt.subplots(n_concepts, k, figsize=(1.3 * k + 1.2, 1.4 * n_concepts + 0.3), squeeze=False)
-    for j, name in enumerate(concept_names):
-        top = scores[:, j].argsort(descending=True)[:k]
-        for col, idx in enumerate(top.tolist()):
-            ax = axes[j, col]
-            img = images[idx].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-            ax.imshow(
-                img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None
-            )
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{float(scores[idx, j]):.2f}", fontsize=7)
-            if col == 0:
-                ax.set_ylabel(name, fontsize=8)
-    fig.suptitle("top-activating test images per concept axis", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _abs_corr(pixels: torch.Tensor) -> np.ndarray:
-    p = pixels.double()
-    p = p - p.mean(0, keepdim=True)
-    cov = p.T @ p / max(1, p.shape[0] - 1)
-    sd = cov.diagonal().clamp(min=1e-12).sqrt()
-    return (cov / torch.outer(sd, sd)).abs().cpu().numpy()
-
-
-def correlation_heatmap_figure(
-    bn_pixels: torch.Tensor, cw_pixels: torch.Tensor, path: Path, left_title: str = "BN model"
-) -> Path:
-    """Absolute correlation of per-pixel channel vectors ``(N, C)``: BN model (left) vs whitened layer.
-
-    After concept whitening the matrix should be close to the identity (reference ``plot_correlation``).
-    """
-    left, right = _abs_corr(bn_pixels), _abs_corr(cw_pixels)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
-    for ax, mat, title in ((axes[0], left, left_title), (axes[1], right, "concept whitening")):
-        im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
-        off = mat[~np.eye(mat.shape[0], dtype=bool)]
-        ax.set_title(f"{title}\nmean off-diagonal |corr| {off.mean():.3f}", fontsize=9)
-        ax.set_xlabel("channel / axis")
-    fig.colorbar(im, ax=axes, shrink=0.8)
-    return _save(fig, path)

@@ -1,4 +1,5 @@
-"""Metrics of interpretable CNN part filters (``shared/specs/metrics.md`` A.3) and their report figure.
+"""Metrics of interpretable CNN part filters (Zhang, Wu & Zhu, "Interpretable convolutional neural
+networks", CVPR 2018). Tensors in, numbers out; the report figure is in :mod:`interpzoo.reports.icnn`.
 
 * :class:`LocationInstability` (Zhang, Wu, Zhu, CVPR 2018, Sec. 4.2; official ``computeStability`` /
   ``getDistSqrtVar``): for each filter and landmark, the standard deviation of the distance between
@@ -16,7 +17,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,7 +60,7 @@ def _topm_merge(
 
 
 class LocationInstability(Metric):
-    """Location instability of part filters (paper Sec. 4.2; metrics.md A.3 item 1). Lower is better.
+    """Location instability of part filters (Zhang et al. CVPR 2018, Sec. 4.2). Lower is better.
 
     ``inst = mean_f [ mean_k std_{I in TopM(f, k)} ||p_k(I) - p_hat_f(I)|| ] / sqrt(H^2 + W^2)``, where
     ``TopM(f, k)`` are the ``top_m`` images with landmark ``k`` annotated that activate filter ``f``
@@ -189,7 +189,7 @@ def part_dissection(
     iou_threshold: float = 0.04,
     max_elements: int = 1 << 24,
 ) -> dict[str, torch.Tensor]:
-    """Network-Dissection part IoU of every unit (metrics.md A.3 item 2).
+    """Network-Dissection part IoU of every unit (Bau et al. CVPR 2017, Sec. 2.2; ICNN Sec. 4.2).
 
     Each unit's maps are bilinearly upsampled to the mask size; its threshold ``T_u`` is the top
     ``quantile`` of all its upsampled values over the probe set (``P(A_u > T_u) = quantile``); the
@@ -242,70 +242,3 @@ def part_dissection(
         "num_part_detectors": det.sum(),
         "num_unique_parts": torch.unique(part[det]).numel() * torch.ones((), dtype=torch.long),
     }
-
-
-# ---------------------------------------------------------------------------------------------------
-# report figure
-# ---------------------------------------------------------------------------------------------------
-def part_filter_figure(
-    images: torch.Tensor,
-    features: torch.Tensor,
-    path: Path,
-    filters: list[int] | None = None,
-    num_filters: int = 8,
-    top_k: int = 6,
-    filter_names: list[str] | None = None,
-) -> Path:
-    """For a sample of filters, their top-activating images with the heatmap and inferred part.
-
-    Rows are filters (the ``num_filters`` with the strongest top activations, evenly spread over the
-    ranking, unless ``filters`` is given); each cell shows an image, the filter's upsampled map as a
-    heatmap, and a cross at the inferred part position (:func:`inferred_positions`).
-
-    Args:
-        images: ``(N, 3 or 1, H, W)`` in ``[0, 1]``; features: ``(N, C, h, w)`` maps of the layer.
-        filter_names: optional label per filter (e.g. its category).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n, c = features.shape[:2]
-    H, W = images.shape[-2:]
-    score, pos = inferred_positions(features, (H, W))
-    top_k = min(top_k, n)
-    if filters is None:
-        strength = score.topk(top_k, dim=0).values.mean(0)
-        ranked = strength.argsort(descending=True)
-        ranked = ranked[strength[ranked] > 0] if (strength > 0).any() else ranked
-        pick = torch.linspace(0, len(ranked) - 1, min(num_filters, len(ranked))).round().long()
-        filters = ranked[pick].tolist()
-    fig, axes = plt.subplots(len(filters), top_k, figsize=(1.6 * top_k, 1.7 * len(filters)), squeeze=False)
-    for r, f in enumerate(filters):
-        order = score[:, f].argsort(descending=True)[:top_k]
-        vmax = float(features[order, f].max().clamp(min=1e-8))
-        for col, i in enumerate(order.tolist()):
-            ax = axes[r][col]
-            img = images[i].float().clamp(0, 1)
-            ax.imshow(
-                img.permute(1, 2, 0).squeeze(-1).cpu().numpy(), cmap="gray" if img.shape[0] == 1 else None
-            )
-            heat = F.interpolate(
-                features[i : i + 1, f : f + 1].float(), size=(H, W), mode="bilinear", align_corners=False
-            )
-            ax.imshow(heat[0, 0].cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=vmax)
-            x, y = pos[i, f].tolist()
-            ax.plot([x], [y], marker="+", color="white", markersize=12, markeredgewidth=2)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col == 0:
-                label = f"filter {f}" + (f"\n{filter_names[f]}" if filter_names else "")
-                ax.set_ylabel(label, fontsize=7)
-            ax.set_title(f"{float(score[i, f]):.2f}", fontsize=6)
-    fig.suptitle("part filters: top images, heatmap, inferred part (+)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -3,7 +3,6 @@
 Facco, d'Errico, Rodriguez, Laio, "Estimating the intrinsic dimension of datasets by a minimal
 neighborhood information", Sci. Rep. 7:12140 (2017); used on network layers by Ansuini, Laio, Macke,
 Zoccolan, "Intrinsic dimension of data representations in deep neural networks", NeurIPS 2019.
-Definitions: ``shared/specs/metrics.md`` A.6.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Prototype interpretability metrics (``shared/specs/metrics.md`` A.2; ``specs/protopnet.md`` §2).
+"""Prototype interpretability metrics of ProtoPNet-family networks (Chen et al., NeurIPS 2019).
 
 torchmetrics ``Metric`` objects with DDP-reducible states (sums, or top-k buffers merged at
 ``compute``), plus a few functions of the weights and push records:
@@ -29,7 +29,10 @@ torchmetrics ``Metric`` objects with DDP-reducible states (sums, or top-k buffer
   ``std`` and added to the ``[0, 1]`` image (the same perturbation; pixel values are not clipped).
 * *Class purity* is computed on the split being evaluated (the prototypes' ``k`` nearest validation or
   test images, one patch per image), i.e. a held-out version of the training-set k-NN purity that
-  pruning uses (:func:`models.protopnet_push.nearest_patches`).
+  pruning uses (:func:`interpzoo.models.protopnet_push.nearest_patches`).
+
+Tensors in, numbers out: the functions and metrics take similarity maps, distances, weights, labels and
+push records, never a network.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
+
+from interpzoo.layers.protopnet import upsample_maps
 
 __all__ = [
     "ExplanationSize",
@@ -63,8 +68,6 @@ def box_half_size(image_size: Sequence[int], half_fraction: float = HUANG_HALF_F
 
 def _argmax_locations(maps: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
     """``(N, 2)`` ``(row, col)`` argmax of each ``(N, h, w)`` map after bicubic upsampling to ``image_size``."""
-    from interpzoo.models.protopnet import upsample_maps
-
     if maps.shape[0] == 0:
         return torch.zeros((0, 2), dtype=torch.long, device=maps.device)
     out = []
@@ -253,7 +256,7 @@ class PrototypeStability(_PerPrototypeMetric):
 
 class _TopKBuffer(_PerPrototypeMetric):
     """Per-prototype top-k buffer of scores with payload tensors; ``dist_reduce_fx=None`` stacks the ranks'
-    buffers, which :meth:`_merged` re-ranks (``metrics.md`` A.0 ``topk-merge``)."""
+    buffers, which :meth:`_merged` re-ranks (a top-k merge: the result equals the single-process one)."""
 
     def __init__(self, prototype_classes: Sequence[int] | torch.Tensor, k: int, **kwargs: object) -> None:
         super().__init__(prototype_classes, **kwargs)
@@ -445,21 +448,39 @@ def global_size(weight: torch.Tensor, mask: torch.Tensor | None = None, eps: flo
     return int(used.sum())
 
 
-def prototype_unique(net: torch.nn.Module, tol: float = 1e-6) -> float:
-    """Fraction of distinct prototypes among the active ones (``metrics.md`` A.2.5 uniqueness).
+def prototype_unique(
+    mask: torch.Tensor,
+    source_index: torch.Tensor,
+    source_location: torch.Tensor,
+    prototype_vectors: torch.Tensor,
+    tol: float = 1e-6,
+) -> float:
+    """Fraction of distinct prototypes among the active ones: ``|{(i(j), l(j))}| / M``.
 
-    After push: distinct projection sources ``(image, location)``; before push (or for prototypes without
-    a source): distinct vectors up to ``tol``.
+    Push (Chen et al., NeurIPS 2019, Sec. 2.2 step 2) replaces prototype ``j`` by the latent patch at
+    location ``l(j)`` of training image ``i(j)``; prototypes pushed onto the same patch are duplicates
+    (the redundancy that ProtoPShare, Rymarczyk et al., KDD 2021, merges). After push: distinct
+    sources ``(image, location)``; before push (or while some active prototype has no source): distinct
+    vectors up to ``tol`` (Euclidean distance).
+
+    Args:
+        mask: ``(P,)`` prototype mask, ``> 0`` for active (unpruned) prototypes.
+        source_index: ``(P,)`` long, dataset index of each prototype's push source (``-1``: none yet).
+        source_location: ``(P, L)`` long, its latent location (e.g. ``(row, col)``).
+        prototype_vectors: ``(P, ...)`` the prototypes.
+
+    For a ProtoPNet ``net``: ``prototype_unique(net.prototype_mask, net.push_source_index,
+    net.push_source_location, net.prototype_layer.prototype_vectors)``.
     """
-    mask = net.prototype_mask > 0
-    n = int(mask.sum())
+    active = mask > 0
+    n = int(active.sum())
     if n == 0:
         return 0.0
-    src = net.push_source_index[mask]
+    src = source_index[active]
     if bool((src >= 0).all()):
-        keys = torch.cat([src.view(-1, 1), net.push_source_location[mask]], 1)
+        keys = torch.cat([src.view(-1, 1), source_location[active].view(n, -1)], 1)
         return int(torch.unique(keys, dim=0).shape[0]) / n
-    vecs = net.prototype_layer.prototype_vectors.detach()[mask].flatten(1)
+    vecs = prototype_vectors.detach()[active].flatten(1)
     d = torch.cdist(vecs, vecs)
     dup = (d < tol).triu(1).any(0)  # j duplicates some earlier prototype
     return float((~dup).sum()) / n

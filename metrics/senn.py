@@ -1,4 +1,4 @@
-"""SENN metrics: faithfulness, local Lipschitz stability and concept diagnostics (``metrics.md`` A.4).
+"""SENN metrics: faithfulness, local Lipschitz stability and concept diagnostics. Tensors in, numbers out.
 
 Alvarez-Melis & Jaakkola, NeurIPS 2018, Section 5 ("faithfulness" and "stability"), with the
 definitions of the authors' evaluation code (``dmelis/robust_interpret``, ``SENN/eval_utils``):
@@ -19,31 +19,47 @@ Every metric is a torchmetrics ``Metric`` with sum/max states, so DDP reduction 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.functional import pearson_corrcoef
 
-ZERO_TOL = 1e-3  # |h_i| below this counts as "off" (spec: dead concepts)
+ZERO_TOL = 1e-3  # |h_i| below this counts as "off" (dead concepts)
 
 
 # ------------------------------------------------------------------------------------------------
 # Faithfulness
 # ------------------------------------------------------------------------------------------------
-def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-300) -> torch.Tensor:
+def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of each row of ``a`` with the same row of ``b``; NaN for a constant row.
+
+    The correlation is ``torchmetrics.functional.pearson_corrcoef`` in float64. A row counts as constant
+    when its centred norm is at most ``1e-9`` times its norm (or zero), so float round-off in an
+    otherwise constant row is not read as signal; such rows are NaN without a torchmetrics warning.
 
     Shape:
         ``(B, n)`` and ``(B, n)`` to ``(B,)``.
     """
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(
+            f"pearson_rows needs two (B, n) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     a0, b0 = a.double(), b.double()
-    a, b = a0 - a0.mean(dim=1, keepdim=True), b0 - b0.mean(dim=1, keepdim=True)
-    na, nb = a.norm(dim=1), b.norm(dim=1)
-    corr = (a * b).sum(dim=1) / (na * nb).clamp_min(eps)
-    # Constant relative to its own magnitude (so float round-off is not read as signal).
+    na = (a0 - a0.mean(dim=1, keepdim=True)).norm(dim=1)
+    nb = (b0 - b0.mean(dim=1, keepdim=True)).norm(dim=1)
     constant = (na <= 1e-9 * a0.norm(dim=1)) | (nb <= 1e-9 * b0.norm(dim=1)) | (na == 0) | (nb == 0)
-    return torch.where(constant, torch.full_like(corr, float("nan")), corr).float()
+    corr = torch.full((a0.shape[0],), float("nan"), dtype=torch.float64, device=a0.device)
+    ok = ~constant
+    if ok.any():
+        with warnings.catch_warnings():  # torchmetrics warns about near-constant columns; NaN is the answer
+            warnings.filterwarnings(
+                "ignore", message="The variance of predictions or target is close to zero"
+            )
+            corr[ok] = pearson_corrcoef(a0[ok].T, b0[ok].T).reshape(-1)
+    return corr.float()
 
 
 def concept_intervention_deltas(
@@ -344,7 +360,7 @@ class LocalLipschitz(Metric):
 
 
 class DeadConcepts(Metric):
-    """Fraction of concepts with ``|h_i| < threshold`` on every sample seen (``metrics.md`` A.4/A.5)."""
+    """Fraction of concepts with ``|h_i| < threshold`` on every sample seen (never-active concepts)."""
 
     is_differentiable = False
     higher_is_better = False
@@ -387,9 +403,3 @@ class ConceptSparsity(Metric):
 
     def compute(self) -> torch.Tensor:
         return (self.near_zero / self.total).float() if self.total > 0 else torch.tensor(float("nan"))
-
-
-def fixed_subset_indices(n: int, num: int, seed: int) -> list[int]:
-    """The same ``min(num, n)`` sorted indices of ``range(n)`` on every rank and every call."""
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(n, generator=g)[: min(int(num), n)].sort().values.tolist()

@@ -1,9 +1,7 @@
-"""Denoising and code-sparsity metrics of the soft autoencoder, and its report figures.
+"""Denoising and code-sparsity metrics of the soft autoencoder. Tensors in, numbers out.
 
-Definitions follow ``shared/specs/metrics.md`` A.5 and ``shared/specs/soft_autoencoder.md`` §3.2:
-
-* PSNR = 10·log10(MAX² / MSE) and SSIM (11×11 Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03), via
-  torchmetrics;
+* PSNR = 10·log10(MAX² / MSE) and SSIM (Wang, Bovik, Sheikh & Simoncelli, IEEE TIP 13(4), 2004, Eq. 13
+  with the 11×11 Gaussian window, σ = 1.5, and K1 = 0.01, K2 = 0.03 of Sec. III-C), via torchmetrics;
 * code sparsity = fraction of code entries with ``|z| ≤ eps`` (``eps = 0``: the exact zeros of a soft
   threshold);
 * Hoyer sparsity (Hoyer, JMLR 2004) ``H(z) = (√n − ‖z‖₁/‖z‖₂) / (√n − 1)`` in ``[0, 1]``, per sample
@@ -12,21 +10,17 @@ Definitions follow ``shared/specs/metrics.md`` A.5 and ``shared/specs/soft_autoe
   the units that are ever active;
 * dead units = fraction of channels never active over the evaluated set.
 
-Everything is a sum over batches, so :class:`CodeStatistics` reduces exactly under DDP.
+Everything is a sum over batches, so :class:`CodeStatistics` reduces exactly under DDP. The report figures
+(denoising examples, thresholds, filters) are in :mod:`interpzoo.reports.soft_autoencoder`.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchmetrics import Metric  # noqa: E402
-from torchmetrics.functional.image import (  # noqa: E402
+import torch
+from torchmetrics import Metric
+from torchmetrics.functional.image import (
     peak_signal_noise_ratio,
     structural_similarity_index_measure,
 )
@@ -142,89 +136,3 @@ class CodeStatistics(Metric):
                 (self.samples - self.hoyer_count).double() / self.samples.clamp(min=1)
             ).float(),
         }
-
-
-# -- report figures -------------------------------------------------------------------------------------
-def _show(ax: plt.Axes, img: torch.Tensor) -> None:
-    img = img.clamp(0, 1)
-    if img.shape[0] == 1:
-        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
-    else:
-        ax.imshow(img.permute(1, 2, 0).numpy())
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def denoising_figure(examples: dict[str, torch.Tensor], path: Path, noise_std: float | None = None) -> Path:
-    """Rows noisy / denoised / clean of ``(n, C, H, W)`` images in ``[0, 1]``, with per-image PSNR."""
-    rows = ("noisy", "denoised", "clean")
-    n = examples["clean"].shape[0]
-    fig, axes = plt.subplots(3, n, figsize=(1.3 * n + 0.8, 4.4), squeeze=False)
-    for j in range(n):
-        clean = examples["clean"][j : j + 1]
-        for i, row in enumerate(rows):
-            img = examples[row][j]
-            _show(axes[i, j], img)
-            if row != "clean":
-                axes[i, j].set_title(f"{float(psnr(img[None].clamp(0, 1), clean)):.1f} dB", fontsize=7)
-        for i, row in enumerate(rows):
-            if j == 0:
-                axes[i, 0].set_ylabel(row)
-    title = "test images: PSNR against the clean image"
-    if noise_std is not None:
-        title += f" (noise sigma = {255 * noise_std:.0f}/255)"
-    fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
-
-
-def thresholds_figure(
-    thresholds: dict[str, torch.Tensor], path: Path, noise_std: float | None = None
-) -> Path:
-    """Learned soft thresholds ``b`` per channel (sorted), one panel per encoder stage."""
-    k = len(thresholds)
-    fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 2.8), squeeze=False)
-    for ax, (name, b) in zip(axes[0], thresholds.items()):
-        values = b.detach().cpu().float().sort(descending=True).values.numpy()
-        ax.bar(range(len(values)), values, color="tab:blue")
-        ax.axhline(float(values.mean()), color="tab:red", lw=1, label=f"mean {values.mean():.3f}")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("channel (sorted)")
-        ax.legend(fontsize=7)
-    axes[0, 0].set_ylabel("threshold b (code units)")
-    if noise_std is not None:
-        fig.suptitle(
-            f"learned soft thresholds, trained at noise sigma = {255 * noise_std:.0f}/255", fontsize=9
-        )
-    return _save(fig, path)
-
-
-def filters_figure(weight: torch.Tensor, path: Path, max_filters: int = 64) -> Path:
-    """First-layer analysis filters ``(C_out, C_in, k, k)`` (grey: symmetric colour map; RGB: min-max)."""
-    w = weight.detach().cpu().float()[:max_filters]
-    n = w.shape[0]
-    cols = min(n, 8)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.0 * cols + 0.4, 1.0 * rows + 0.6), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i in range(n):
-        ax = axes.flat[i]
-        f = w[i]
-        if f.shape[0] == 3:
-            f = (f - f.min()) / (f.max() - f.min()).clamp(min=1e-12)
-            ax.imshow(f.permute(1, 2, 0).numpy(), interpolation="nearest")
-        else:
-            m = float(f.abs().max()) or 1.0
-            ax.imshow(f.mean(0).numpy(), cmap="RdBu_r", vmin=-m, vmax=m, interpolation="nearest")
-        ax.set_title(str(i), fontsize=6)
-    fig.suptitle("first encoder layer filters", fontsize=9)
-    return _save(fig, path)

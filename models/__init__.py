@@ -1,6 +1,9 @@
-"""The zoo: backbones, interpretable networks, their LightningModules, the registry and bundles.
+"""The zoo: backbones, interpretable networks, the registry and bundles.
 
->>> from models import create_model, list_models, load_pretrained
+Importing it loads no training framework: each method's LightningModule lives in ``lit_<method>.py``
+(``interpzoo.models.lit_protopnet``, ...) and is imported only by whoever trains.
+
+>>> from interpzoo.models import create_model, list_models, load_pretrained
 >>> net = create_model("baseline_resnet18s", num_classes=10)
 """
 

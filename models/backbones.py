@@ -23,7 +23,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from interpzoo.models.errors import did_you_mean
+from interpzoo.utils import did_you_mean
 
 
 class PretrainedWeightsError(RuntimeError):

@@ -8,39 +8,23 @@ and free-form provenance (recipe, seed, metrics). ``model.safetensors`` holds th
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
-from interpzoo.models.errors import did_you_mean
 from interpzoo.models.registry import PRETRAINED_DIR, build_architecture, list_pretrained
+from interpzoo.utils import UsageError, atomic_write_bytes, atomic_write_text, did_you_mean
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-class BundleError(RuntimeError):
+class BundleError(UsageError, RuntimeError):
     """A bundle is missing, incomplete or does not match the network."""
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _contiguous_state(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -78,28 +62,67 @@ def save_pretrained(
         "data_config": data_config or getattr(net, "data_config", None) or {},
         **(extra or {}),
     }
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".weights.")
-    os.close(fd)
-    try:
-        save_file(_contiguous_state(net), tmp, metadata={"format": "pt", "architecture": cfg["architecture"]})
-        os.replace(tmp, directory / WEIGHTS_NAME)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _atomic_write_bytes(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+    metadata = {"format": "pt", "architecture": cfg["architecture"]}
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(_contiguous_state(net), metadata=metadata))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
     return directory
 
 
+_REEXPORT = (
+    "export the bundle again (python train.py ... writes <run>/bundle; interpzoo.save_pretrained(net, folder) "
+    "from Python) or copy the folder again"
+)
+
+
 def read_bundle_config(source: str | Path) -> dict[str, Any]:
-    """The parsed ``config.json`` of a bundle path or shipped bundle name."""
-    return json.loads((_resolve(source) / CONFIG_NAME).read_text())
+    """The parsed ``config.json`` of a bundle path or shipped bundle name; :class:`BundleError` if damaged."""
+    file = _resolve(source) / CONFIG_NAME
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BundleError(
+            f"{file} is not text (not UTF-8 JSON); the bundle is damaged: {_REEXPORT}"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise BundleError(
+            f"{file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); the bundle is damaged "
+            f"or was edited: fix the file, or {_REEXPORT}"
+        ) from None
+    if not isinstance(config, dict):
+        raise BundleError(
+            f"{file} holds a JSON {type(config).__name__}, not an object with 'architecture' and 'model_args'; "
+            f"{_REEXPORT}"
+        )
+    return config
+
+
+def _read_weights(file: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with an error naming the file, what is wrong with it and the fix."""
+    try:
+        return load_file(str(file), device=str(map_location))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+        with file.open("rb") as f:
+            head = f.read(8)
+        size = file.stat().st_size
+        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+            raise BundleError(
+                f"{file} is a pickled PyTorch file (torch.save), not safetensors; interpzoo never unpickles bundle "
+                "weights. Convert it: safetensors.torch.save_file(torch.load(f, weights_only=True), "
+                f"'{WEIGHTS_NAME}'), or {_REEXPORT}"
+            ) from None
+        what = "empty" if size == 0 else f"truncated or damaged ({size} bytes; {type(e).__name__}: {e})"
+        raise BundleError(f"{file} cannot be read as safetensors: it is {what}; {_REEXPORT}") from None
 
 
 def _resolve(source: str | Path) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise BundleError(f"{path} is not a model bundle: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (path / n).is_file()]
+        if missing:
+            raise BundleError(
+                f"{path} is not a model bundle: it needs {CONFIG_NAME} and {WEIGHTS_NAME} and has no "
+                f"{' and no '.join(missing)}; give a bundle folder (<run>/bundle) or {_REEXPORT}"
+            )
         return path
     shipped = PRETRAINED_DIR / str(source)
     if shipped.is_dir():
@@ -124,12 +147,14 @@ def load_pretrained(
     ``net.bundle_config`` (the whole ``config.json``). Nothing is unpickled.
     """
     path = _resolve(source)
-    config = json.loads((path / CONFIG_NAME).read_text())
+    config = read_bundle_config(path)
     for key in ("architecture", "model_args"):
         if key not in config:
             raise BundleError(f"{path / CONFIG_NAME} has no {key!r} entry; it was not written by interpzoo")
+    if not isinstance(config["model_args"], dict):
+        raise BundleError(f"{path / CONFIG_NAME}: 'model_args' must be a JSON object; {_REEXPORT}")
     net = build_architecture(config["architecture"], config["model_args"])
-    state = load_file(str(path / WEIGHTS_NAME), device=str(map_location))
+    state = _read_weights(path / WEIGHTS_NAME, map_location)
     load_state_strict(net, state, what=f"bundle {path}")
     net.data_config = config.get("data_config", {})
     net.bundle_config = config

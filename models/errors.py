@@ -1,14 +1,7 @@
-"""Helpers for error messages that name the problem and the fix."""
+"""Error-message helpers of the models package; the implementation lives in :mod:`interpzoo.utils`."""
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable
+from interpzoo.utils import did_you_mean
 
-
-def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
-    """``"; did you mean 'x'?"`` for the closest choices, or an empty string."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=0.6)
-    if not close:
-        return ""
-    return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+__all__ = ["did_you_mean"]

@@ -1,14 +1,14 @@
 """LightningModules shared by every method: classification and reconstruction tasks.
 
 Hyper-parameters are plain data only (strings, numbers, lists, dicts), so every checkpoint loads with
-``torch.load(..., weights_only=True)`` and resumes (``shared/specs/ecosystem.md`` §4.1). The network
-is rebuilt from ``arch`` + ``model_args`` + ``backbone`` + ``data_info`` through the registry.
+``torch.load(..., weights_only=True)`` and resumes. The network is rebuilt through the registry from
+``arch``, ``model_args``, ``backbone`` and ``data_info``. Report figures are not drawn here: see
+:func:`interpzoo.reports.write_report`.
 """
 
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from interpzoo.models.optim import build_optimizer, build_scheduler
 from interpzoo.models.outputs import NetworkOutput
 from interpzoo.models.registry import build_architecture, resolve_model_name
+from interpzoo.utils import UsageError
 
 # data_info key -> constructor argument it feeds, when the architecture accepts it.
 _DATA_ARGS = {
@@ -31,6 +32,15 @@ _DATA_ARGS = {
     "num_features": "num_features",
     "image_size": "image_size",
 }
+
+
+class NonFiniteLossError(UsageError, FloatingPointError):
+    """Training produced a NaN or infinite loss; the message has the step, the loss terms and a hint.
+
+    Exit code 1 in the console scripts (the run failed; the command itself was valid).
+    """
+
+    exit_code = 1
 
 
 def batch_input(batch: dict[str, Any]) -> torch.Tensor:
@@ -122,6 +132,75 @@ class InterpModule(pl.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": sched}
 
+    # -- a non-finite loss stops training at once ------------------------------------------------
+    def check_finite_loss(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], batch: Any) -> None:
+        """Raise :class:`NonFiniteLossError` if ``loss`` is NaN or infinite (on any rank), before the backward.
+
+        Training on would turn every weight into NaN and report chance accuracy; the error names the step,
+        each loss term and the likely fix. Called by the training steps of this module; modules with their
+        own ``training_step`` get the same check after the step (:meth:`on_train_batch_end`).
+        """
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # every rank must stop together, or the others wait for this one in the next collective
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        self._loss_checked = True
+        if bad:
+            terms = {k: float(v.detach().float().mean()) for k, v in losses.items()}
+            raise NonFiniteLossError(
+                self._non_finite_message(float(loss.detach().float().mean()), terms, batch)
+            )
+
+    def _non_finite_message(self, value: float, terms: dict[str, float], batch: Any) -> str:
+        trainer = self.trainer
+        where = (
+            f"step {trainer.global_step} (epoch {trainer.current_epoch})" if trainer is not None else "a step"
+        )
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) or "no terms logged"
+        lrs = []
+        if trainer is not None:
+            lrs = sorted(
+                {float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups if "lr" in g}
+            )
+        lr = f" (learning rate now {', '.join(f'{v:.3g}' for v in lrs)})" if lrs else ""
+        x = (
+            batch_input(batch)
+            if isinstance(batch, dict) and ("image" in batch or "features" in batch)
+            else None
+        )
+        if x is not None and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            hint = "The batch itself holds NaN or inf values: clean the data (or drop those rows/images)."
+        else:
+            hint = (
+                "Most often the learning rate is too high: lower model.optimizer.lr (e.g. 10x), or clip gradients "
+                "with trainer.gradient_clip_val=1.0; also check the data for extreme values."
+            )
+        return (
+            f"the training loss became {value} at {where}{lr}; loss terms: {shown}. Training stopped: the weights "
+            f"would all turn into NaN. {hint} The checkpoints written so far hold the weights before this step."
+        )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_loss_checked", False):
+            self._loss_checked = False
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            metrics = self.trainer.callback_metrics
+            terms = {
+                k.removeprefix("train/loss_").removesuffix("_step"): float(v)
+                for k, v in metrics.items()
+                if k.startswith("train/loss_") and k.endswith("_step")
+            }
+            raise NonFiniteLossError(
+                self._non_finite_message(float(loss.detach().float().mean()), terms, batch)
+            )
+
     # -- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from interpzoo.models.checkpoint import CHECKPOINT_KEY
@@ -133,11 +212,6 @@ class InterpModule(pl.LightningModule):
             "architecture": arch,
             "model_args": args,
         }
-
-    # -- reports ---------------------------------------------------------------------------------
-    def write_report(self, out_dir: Path, datamodule: pl.LightningDataModule) -> list[Path]:
-        """Write report figures (PNG) into ``out_dir``; returns their paths. Rank 0 only."""
-        return []
 
 
 class ClassificationModule(InterpModule):
@@ -172,6 +246,8 @@ class ClassificationModule(InterpModule):
         out = self(x)
         losses = self.compute_losses(out, batch, stage)
         loss = torch.stack(list(losses.values())).sum()
+        if stage == "train":
+            self.check_finite_loss(loss, losses, batch)
         acc, mean_loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
         acc(out.logits.detach(), y)
         mean_loss(loss.detach())
@@ -209,11 +285,6 @@ class ClassificationModule(InterpModule):
             return
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
-
-    def write_report(self, out_dir: Path, datamodule: pl.LightningDataModule) -> list[Path]:
-        from interpzoo.metrics.reports import confusion_matrix_figure
-
-        return [confusion_matrix_figure(self, datamodule, out_dir / "confusion_matrix.png")]
 
 
 class ReconstructionModule(InterpModule):
@@ -266,6 +337,8 @@ class ReconstructionModule(InterpModule):
         out = self(noisy)
         losses = self.compute_losses(out, batch, clean, stage)
         loss = torch.stack(list(losses.values())).sum()
+        if stage == "train":
+            self.check_finite_loss(loss, losses, batch)
         psnr, mean_loss = getattr(self, f"{stage}_psnr"), getattr(self, f"{stage}_loss")
         psnr(out.reconstruction.detach().clamp(0, 1), clean)
         mean_loss(loss.detach())

@@ -8,8 +8,8 @@ Manual optimisation with three Adam optimisers and a phase machine indexed by th
   never step it).
 * **push**, at reference epochs ``e = push_start + n * push_every``: the epoch trains as
   warm/joint, then the push runs at the start of its validation, so that validation metrics,
-  checkpoint selection and the saved weights all see the projected prototypes
-  (``shared/specs/ecosystem.md`` §4.4). The reference order is the same: train, push, test.
+  checkpoint selection and the saved weights all see the projected prototypes. The reference order is
+  the same: train, push, test.
 * **last**: each push is followed by ``last_iters`` Lightning epochs that train only the last layer
   (one reference "last-layer iteration" = one pass over the training set, each followed by a test).
 * **prune** (optional, reference ``run_pruning.py``: ``k = 6``, ``threshold = 3``): at the final push,
@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -466,16 +464,19 @@ class ProtoPNetModule(ClassificationModule):
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "push_dataloader"):
             raise RuntimeError(
-                "ProtoPNet push needs a datamodule with push_dataloader() (datamodules.base.BaseDataModule)"
+                "ProtoPNet push needs a datamodule with push_dataloader(rank, world_size): use a subclass of "
+                "interpzoo.datamodules.base.BaseDataModule"
             )
-        loader = dm.push_dataloader()
-        _, world = dist_info()
+        rank, world = dist_info()
+        # this rank's interleaved shard; the batch limit counts batches of the whole push set, as before
+        loader = dm.push_dataloader(rank, world)
+        total = len(dm.push_dataloader()) if world > 1 else len(loader)
         if world > 1:
             # BatchNorm statistics drift per rank during a joint epoch; every rank must push with the
             # weights DDP will use (rank 0's, broadcast at the next forward)
             for b in self.net.buffers():
                 dist.broadcast(b, 0)
-        limit = self._limit(self.trainer.limit_train_batches, len(loader))
+        limit = self._limit(self.trainer.limit_train_batches, total)
         before = self._accuracy_on_val() if self.push_cfg["measure_gap"] else float("nan")
         stats = push_prototypes(
             self.net,
@@ -559,7 +560,12 @@ class ProtoPNetModule(ClassificationModule):
         net = self.net
         values: dict[str, float] = {
             "global_size": float(global_size(net.last_layer.weight, net.prototype_mask)),
-            "prototype_unique": prototype_unique(net),
+            "prototype_unique": prototype_unique(
+                net.prototype_mask,
+                net.push_source_index,
+                net.push_source_location,
+                net.prototype_layer.prototype_vectors,
+            ),
         }
         if net.pushed:
             values["push_distance"] = float(
@@ -614,12 +620,3 @@ class ProtoPNetModule(ClassificationModule):
         if not math.isnan(float(self.push_record[1])):
             # recorded at the last push, on the validation split
             self.log("test/push_gap", float(self.push_record[0] - self.push_record[1]), sync_dist=True)
-
-    # -- report -----------------------------------------------------------------------------------
-    def write_report(self, out_dir: Path, datamodule: pl.LightningDataModule) -> list[Path]:
-        from interpzoo.metrics.protopnet_report import explanation_figure, prototype_gallery
-
-        figures = super().write_report(out_dir, datamodule)
-        figures.append(prototype_gallery(self.net, datamodule, out_dir / "prototype_gallery.png"))
-        figures.append(explanation_figure(self.net, datamodule, out_dir / "this_looks_like_that.png"))
-        return figures

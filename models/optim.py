@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from interpzoo.models.errors import did_you_mean
+from interpzoo.utils import did_you_mean
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 _SCHEDULERS = ("cosine", "step", "multistep", "exponential", "constant")

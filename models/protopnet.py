@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from interpzoo.layers.normalize import InputNormalize
-from interpzoo.layers.protopnet import PrototypeLayer
+from interpzoo.layers.protopnet import PrototypeLayer, upsample_maps
 from interpzoo.models.backbones import backbone_from_config, list_backbones
 from interpzoo.models.baseline import check_image_input
 from interpzoo.models.explain import Explanation, draw_prototype_explanation
@@ -126,18 +125,6 @@ def receptive_field_params(body: nn.Module) -> tuple[float, float, float]:
             start += ((keff - 1) / 2 - p[0]) * jump
             jump *= s[0]
     return jump, rf, start
-
-
-def upsample_maps(maps: torch.Tensor, size: Sequence[int], chunk: int = 256) -> torch.Tensor:
-    """Bicubic upsampling of ``(N, h, w)`` maps to ``(N, H, W)`` (the reference uses ``cv2.INTER_CUBIC``)."""
-    out = []
-    for part in maps.float().split(chunk):
-        out.append(
-            F.interpolate(
-                part.unsqueeze(1), size=tuple(int(s) for s in size), mode="bicubic", align_corners=False
-            ).squeeze(1)
-        )
-    return torch.cat(out) if out else maps.new_zeros((0, *size))
 
 
 def high_activation_boxes(maps: torch.Tensor, percentile: float = 95.0) -> torch.Tensor:

@@ -5,10 +5,11 @@ Push replaces every prototype by its nearest latent patch among training images 
     p_j <- argmin_{z in patches(f(x_i)), y_i = class(j)} ||z - p_j||^2
 
 Vectorised over prototypes and images (the reference loops over prototypes in Python), and
-correct under DDP (``shared/specs/ecosystem.md`` §4.8): each rank scans its shard of the push set
-and keeps, per prototype, its best (distance, sample id, location, latent patch, self-activation map);
-the candidates are all-gathered and every rank takes the same global argmin with the deterministic
-tie-break *(distance, then sample id, then location)*, so every rank writes the same vectors.
+correct under DDP: each rank scans its shard of the push set (``datamodule.push_dataloader(rank,
+world_size)``, :mod:`interpzoo.datamodules.base`) and keeps, per prototype, its best (distance,
+sample id, location, latent patch, self-activation map); the candidates are all-gathered and every
+rank takes the same global argmin with the deterministic tie-break *(distance, then sample id, then
+location)*, so every rank writes the same vectors.
 
 Provenance is written into the network's buffers: source sample index, latent location,
 receptive-field box and the 95th-percentile high-activation box of the bicubically upsampled
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from interpzoo.models.protopnet import ProtoPNet, high_activation_boxes, upsample_maps
 
@@ -39,7 +40,6 @@ __all__ = [
     "prune_keep_mask",
     "push_prototypes",
     "scan_push_candidates",
-    "shard_loader",
 ]
 
 _NO_ID = torch.iinfo(torch.long).max
@@ -71,23 +71,6 @@ def dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
-    """The ``rank``-th of ``world_size`` interleaved shards of ``loader``'s dataset, same batch size.
-
-    Items keep their ``"index"``, so shards can be merged by sample id.
-    """
-    if world_size <= 1:
-        return loader
-    ds = loader.dataset
-    return DataLoader(
-        Subset(ds, list(range(rank, len(ds), world_size))),
-        batch_size=loader.batch_size,
-        shuffle=False,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-    )
 
 
 def _lexmin(distance: torch.Tensor, ids: torch.Tensor, locs: torch.Tensor) -> torch.Tensor:
@@ -264,25 +247,22 @@ def push_prototypes(
     class_specific: bool = True,
     percentile: float = 95.0,
     max_batches: int | None = None,
-    shard: bool = True,
 ) -> dict[str, float]:
     """Project every prototype onto its nearest own-class training patch (eval mode, no grad).
 
-    Under ``torch.distributed`` each rank scans the ``rank``-th shard of ``loader`` (``shard=True``), the
-    candidates are all-gathered and merged, and every rank writes the same vectors. Must be called on
-    every rank.
+    Under ``torch.distributed`` each rank scans its ``loader``, the candidates are all-gathered and merged,
+    and every rank writes the same vectors. Must be called on every rank. Give each rank its own shard
+    (``datamodule.push_dataloader(rank, world_size)``); the full set on every rank gives the same result
+    with redundant work (the merge keeps one global best per prototype).
 
     Args:
         net: the network (unwrapped, not the DDP module).
-        loader: un-augmented training images with ``"index"`` (``datamodule.push_dataloader()``).
+        loader: un-augmented training images with ``"index"`` in the whole push set
+            (:meth:`~interpzoo.datamodules.base.BaseDataModule.push_dataloader`).
         class_specific: search only images of the prototype's class (the paper).
         percentile: threshold of the high-activation box.
         max_batches: scan at most this many batches per rank (debug runs).
-        shard: shard ``loader`` across ranks (set ``False`` if it is already sharded).
     """
-    rank, world = dist_info()
-    if shard:
-        loader = shard_loader(loader, rank, world)
     was_training = net.training
     net.eval()
     try:
@@ -295,16 +275,15 @@ def push_prototypes(
 
 @torch.no_grad()
 def nearest_patches(
-    net: ProtoPNet, loader: DataLoader, k: int = 6, max_batches: int | None = None, shard: bool = True
+    net: ProtoPNet, loader: DataLoader, k: int = 6, max_batches: int | None = None
 ) -> dict[str, torch.Tensor]:
     """The ``k`` nearest images of every prototype (one patch per image, reference ``run_pruning.py``).
 
     Returns ``{"distance": (P, k), "sample_id": (P, k), "label": (P, k)}`` sorted by distance (ties by
-    sample id). Under DDP each rank scans its shard and the top-k buffers are merged.
+    sample id). Under DDP each rank scans its ``loader`` (its shard, as for :func:`push_prototypes`) and
+    the top-k buffers are merged; a sample seen by two ranks would count twice, so shards must not overlap.
     """
-    rank, world = dist_info()
-    if shard:
-        loader = shard_loader(loader, rank, world)
+    _, world = dist_info()
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()

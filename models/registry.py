@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from interpzoo.models.errors import did_you_mean
+from interpzoo.utils import did_you_mean
 
 _ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 _MODELS: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -116,10 +116,10 @@ _TASKS: dict[str, tuple[str, str]] = {
     "classification": ("interpzoo.models.lit_base", "ClassificationModule"),
     "reconstruction": ("interpzoo.models.lit_base", "ReconstructionModule"),
     "protopnet": ("interpzoo.models.lit_protopnet", "ProtoPNetModule"),
-    "concept_whitening": ("interpzoo.models.concept_whitening", "ConceptWhiteningModule"),
-    "icnn": ("interpzoo.models.icnn", "ICNNModule"),
-    "senn": ("interpzoo.models.senn", "SENNModule"),
-    "soft_autoencoder": ("interpzoo.models.soft_autoencoder", "SoftAutoencoderModule"),
+    "concept_whitening": ("interpzoo.models.lit_concept_whitening", "ConceptWhiteningModule"),
+    "icnn": ("interpzoo.models.lit_icnn", "ICNNModule"),
+    "senn": ("interpzoo.models.lit_senn", "SENNModule"),
+    "soft_autoencoder": ("interpzoo.models.lit_soft_autoencoder", "SoftAutoencoderModule"),
 }
 # Class paths written by interpzoo 0.1 (before the single namespace): read as the task they meant.
 _LEGACY_TASKS = {

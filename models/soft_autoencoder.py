@@ -1,18 +1,20 @@
-"""Soft autoencoder: soft-threshold encoder, linear decoder, denoising LightningModule.
+"""Soft autoencoder: soft-threshold encoder, linear decoder (the denoising training is
+:class:`interpzoo.models.lit_soft_autoencoder.SoftAutoencoderModule`, its figures
+:mod:`interpzoo.reports.soft_autoencoder`).
 
 Fan, Li, Teng, Wang, "Soft Autoencoder and Its Wavelet Adaptation Interpretation", IEEE Trans.
 Computational Imaging 2020 (arXiv 1812.11675). Verified from the abstract only: a convolutional
 autoencoder whose *encoding* layers use adaptable soft-thresholding units and whose *decoding* layers
 are linear, "naturally interpreted as a learned cascaded wavelet shrinkage system". Everything else
-here (stage layout, skips, threshold parameterisation, initialisation, losses) is **our design**
-following ``shared/specs/soft_autoencoder.md`` §3.2, not the paper's verified recipe:
+here (stage layout, skips, threshold parameterisation, initialisation, losses) is **our design**,
+not the paper's verified recipe:
 
 * encoder stage i: ``z_i = S_{b_i}(Conv_i(z_{i-1}))`` (no conv bias: the threshold is the bias),
   ``z_0`` the normalised input;
 * decoder stage i: ``y_{i-1} = ConvT_i(y_i)`` (linear, no activation), ``y_N = z_N``, optionally
   ``+ z_{i-1}`` (RED-CNN-style skips, a flag);
 * with one stage, orthonormal analysis filters ``E`` and synthesis ``D = Eᵀ`` the network computes
-  ``D · S_b(E · x)``, a one-level wavelet shrinkage (spec §3.2 "interpretation invariant").
+  ``D · S_b(E · x)``, a one-level wavelet shrinkage (the paper's interpretation, from its abstract).
 
 Registered names: ``softae`` (stride 1), ``softae_wavelet`` (stride 2, the wavelet-like variant),
 and the matched counterparts ``relu_ae`` (ReLU with conv bias in place of ``S_b``: the same number of
@@ -25,23 +27,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from interpzoo.layers.normalize import InputNormalize
 from interpzoo.layers.soft_autoencoder import THRESHOLD_PARAMS, SoftThreshold
-from interpzoo.metrics.soft_autoencoder import CodeStatistics
 from interpzoo.models.baseline import check_image_input
 from interpzoo.models.explain import SoftAEExplanation, explain_soft_autoencoder
-from interpzoo.models.lit_base import ReconstructionModule, batch_input
-from interpzoo.models.outputs import NetworkOutput, ReconstructionOutput
+from interpzoo.models.outputs import ReconstructionOutput
 from interpzoo.models.registry import register_architecture, register_model
 from interpzoo.models.surgery import replace_modules
 
@@ -52,7 +49,7 @@ class EncoderOutput(NamedTuple):
     """What :class:`SoftEncoder` returns.
 
     A ``NamedTuple`` (not a dataclass) so that generic forward hooks that read ``out.features`` or
-    ``out[0]`` (e.g. :class:`metrics.callbacks.IntrinsicDimension` on ``net.backbone``) both work.
+    ``out[0]`` (e.g. :class:`interpzoo.reports.callbacks.IntrinsicDimension` on ``net.backbone``) both work.
 
     Attributes:
         features: the deepest code ``z_N`` ``(B, C_N, H_N, W_N)``.
@@ -66,8 +63,8 @@ class EncoderOutput(NamedTuple):
 class EncoderStage(nn.Module):
     """``act(conv(x))``: one analysis step. ``act`` is :class:`SoftThreshold`, ``nn.ReLU`` or identity.
 
-    The convolution has no bias before a soft threshold (the threshold plays the bias's role, spec
-    §3.2) and a bias before a ReLU, so the matched ReLU network has the same parameter count.
+    The convolution has no bias before a soft threshold (the threshold plays the bias's role)
+    and a bias before a ReLU, so the matched ReLU network has the same parameter count.
     """
 
     def __init__(
@@ -376,165 +373,3 @@ def wavelet_shrinkage(
             rec = pywt.waverec2(shrunk, wavelet, mode=mode)
             out[b, c] = rec[: arr.shape[2], : arr.shape[3]]
     return torch.from_numpy(out).to(dtype=images.dtype, device=images.device)
-
-
-# -- training ---------------------------------------------------------------------------------------
-class SoftAutoencoderModule(ReconstructionModule):
-    """Denoising training of a soft (or ReLU/linear) autoencoder with shrinkage metrics and report.
-
-    Extends :class:`models.lit_base.ReconstructionModule` (seeded evaluation noise, MSE, ``*/psnr``)
-    with ``*/ssim``, ``*/psnr_noisy`` (the noisy input, for reference), and per code stage
-    ``*/code_sparsity/<stage>``, ``*/hoyer_sparsity/<stage>``, ``*/hoyer_population/<stage>``,
-    ``*/dead_units/<stage>``, ``*/all_zero_codes/<stage>`` (``metrics.md`` A.5), and for soft stages
-    ``*/threshold_mean/<stage>`` (mean ``b``, code units) and ``*/threshold_pixel/stage1`` (stage-1
-    thresholds in pixel-noise units, :meth:`SoftAutoencoder.pixel_thresholds`). Labels are ignored.
-
-    Args:
-        arch, model_args, backbone, data_info, optimizer, scheduler, monitor, monitor_mode,
-            channels_last, compile: see :class:`models.lit_base.InterpModule` (``backbone`` is unused:
-            the soft autoencoder has its own encoder).
-        noise_std: σ of the additive white Gaussian noise in ``[0, 1]`` pixel units (``25 / 255``).
-        noise_seed: seed of the validation/test noise (per sample index: every evaluation sees the
-            same noisy images, on any number of ranks).
-        clip_noisy: clip the noisy input to ``[0, 1]`` (what a saved noisy image would be); off keeps
-            pure AWGN, the model under which shrinkage is derived.
-        sparsity_eps: ``|z| ≤ eps`` counts as zero (0 for the exact zeros of a soft threshold).
-        report_examples: number of test images in the report's noisy/denoised/clean figure.
-    """
-
-    def __init__(
-        self,
-        arch: str = "softae",
-        model_args: dict[str, Any] | None = None,
-        backbone: dict[str, Any] | None = None,
-        data_info: dict[str, Any] | None = None,
-        optimizer: dict[str, Any] | None = None,
-        scheduler: dict[str, Any] | None = None,
-        monitor: str = "val/psnr",
-        monitor_mode: str = "max",
-        channels_last: bool = False,
-        compile: bool = False,
-        noise_std: float = 25 / 255,
-        noise_seed: int = 1234,
-        clip_noisy: bool = False,
-        sparsity_eps: float = 0.0,
-        report_examples: int = 8,
-    ) -> None:
-        if noise_std < 0:
-            raise ValueError(f"noise_std is a standard deviation in [0, 1] pixel units, got {noise_std}")
-        if noise_std > 1:
-            raise ValueError(
-                f"noise_std={noise_std} looks like 0..255 units; use noise_std={noise_std}/255 "
-                f"= {noise_std / 255:.4f} (images are in [0, 1])"
-            )
-        super().__init__(
-            arch=arch,
-            model_args=model_args,
-            backbone=backbone,
-            data_info=data_info,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            monitor=monitor,
-            monitor_mode=monitor_mode,
-            channels_last=channels_last,
-            compile=compile,
-            noise_std=noise_std,
-            noise_seed=noise_seed,
-        )
-        channels = getattr(self.net, "code_channels", None)
-        if not isinstance(channels, dict):
-            raise TypeError(
-                f"SoftAutoencoderModule needs an autoencoder exposing code_channels (e.g. arch=softae), "
-                f"got {type(self.net).__name__} from arch={arch!r}"
-            )
-        self.clip_noisy = bool(clip_noisy)
-        self.report_examples = int(report_examples)
-        for stage in ("val", "test"):
-            setattr(self, f"{stage}_ssim", StructuralSimilarityIndexMeasure(data_range=1.0))
-            setattr(self, f"{stage}_psnr_noisy", PeakSignalNoiseRatio(data_range=1.0))
-        self.code_stats = nn.ModuleDict(
-            {
-                stage: nn.ModuleDict({n: CodeStatistics(c, eps=sparsity_eps) for n, c in channels.items()})
-                for stage in ("val", "test")
-            }
-        )
-
-    def add_noise(self, x: torch.Tensor, index: torch.Tensor | None, stage: str) -> torch.Tensor:
-        noisy = super().add_noise(x, index, stage)
-        return noisy.clamp(0.0, 1.0) if self.clip_noisy else noisy
-
-    def update_eval_metrics(
-        self, out: NetworkOutput, batch: dict[str, Any], noisy: torch.Tensor, stage: str
-    ) -> None:
-        clean = batch_input(batch)
-        ssim, psnr_noisy = getattr(self, f"{stage}_ssim"), getattr(self, f"{stage}_psnr_noisy")
-        # Same clamp as the base class's PSNR: a denoised image is shown/saved in [0, 1].
-        ssim(out.reconstruction.detach().clamp(0, 1), clean)
-        psnr_noisy(noisy, clean)
-        self.log(f"{stage}/ssim", ssim, on_step=False, on_epoch=True)
-        self.log(f"{stage}/psnr_noisy", psnr_noisy, on_step=False, on_epoch=True)
-        for name, metric in self.code_stats[stage].items():
-            metric.update(out.codes[name].detach())
-
-    def _log_code_metrics(self, stage: str) -> None:
-        # CodeStatistics.compute() all-reduces its sum states, so every rank must reach it.
-        for name, metric in self.code_stats[stage].items():
-            if metric.update_count == 0:
-                continue
-            values = metric.compute()
-            metric.reset()
-            if self.trainer.sanity_checking:
-                continue
-            for key, value in values.items():
-                self.log(f"{stage}/{key}/{name}", value, sync_dist=True)
-        if not self.trainer.sanity_checking:
-            for name, b in self.net.thresholds().items():
-                self.log(f"{stage}/threshold_mean/{name}", b.mean(), sync_dist=True)
-            pixel = self.net.pixel_thresholds() if hasattr(self.net, "pixel_thresholds") else None
-            if pixel is not None:
-                self.log(f"{stage}/threshold_pixel/stage1", pixel.mean(), sync_dist=True)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_code_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_code_metrics("test")
-
-    # -- report ------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def denoise_examples(self, datamodule: pl.LightningDataModule, n: int) -> dict[str, torch.Tensor]:
-        """``{"noisy", "denoised", "clean"}`` ``(n, C, H, W)`` for the first ``n`` test images (seeded noise)."""
-        from torch.utils.data import DataLoader, Subset
-
-        datamodule.setup("test")
-        dataset = datamodule.test_set
-        batch = next(iter(DataLoader(Subset(dataset, range(min(n, len(dataset)))), batch_size=n)))
-        clean = batch_input(batch).to(self.device)
-        index = batch.get("index", torch.arange(clean.shape[0]))
-        noisy = self.add_noise(clean, index, "test")
-        was_training = self.training
-        self.eval()
-        try:
-            denoised = self(noisy).reconstruction.clamp(0, 1)
-        finally:
-            self.train(was_training)
-        return {"noisy": noisy.cpu(), "denoised": denoised.cpu(), "clean": clean.cpu()}
-
-    def write_report(self, out_dir: Path, datamodule: pl.LightningDataModule) -> list[Path]:
-        """Noisy/denoised/clean examples, learned thresholds per stage, first-layer filters (PNG)."""
-        from interpzoo.metrics.soft_autoencoder import denoising_figure, filters_figure, thresholds_figure
-
-        out_dir = Path(out_dir)
-        paths = [
-            denoising_figure(
-                self.denoise_examples(datamodule, self.report_examples),
-                out_dir / "denoising_examples.png",
-                noise_std=self.noise_std,
-            )
-        ]
-        thresholds = self.net.thresholds()
-        if thresholds:
-            paths.append(thresholds_figure(thresholds, out_dir / "thresholds.png", noise_std=self.noise_std))
-        first = self.net.backbone.stages[0].conv.weight.detach().cpu()
-        paths.append(filters_figure(first, out_dir / "first_layer_filters.png"))
-        return paths

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from interpzoo.models.errors import did_you_mean
+from interpzoo.utils import did_you_mean
 
 Predicate = Callable[[str, nn.Module], bool]
 

@@ -13,6 +13,7 @@ from omegaconf import open_dict
 from pytorch_lightning import Callback
 from torch import nn
 
+from interpzoo.ddp import SyncBatchNormAndConceptWhitening
 from interpzoo.layers.concept_whitening import ConceptWhitening2d, SyncConceptWhitening2d, pool_axes
 from interpzoo.metrics.concept_whitening import (
     ConceptAUC,
@@ -24,13 +25,8 @@ from interpzoo.metrics.concept_whitening import (
     linear_probe_auc,
 )
 from interpzoo.models import create_model, load_checkpoint, load_pretrained, save_pretrained
-from interpzoo.models.concept_whitening import (
-    ConceptWhiteningModule,
-    SyncBatchNormAndConceptWhitening,
-    concept_forward,
-    paper_layer_names,
-    replace_batchnorm,
-)
+from interpzoo.models.concept_whitening import concept_forward, paper_layer_names, replace_batchnorm
+from interpzoo.models.lit_concept_whitening import ConceptWhiteningModule
 from interpzoo.run import train
 from tests.conftest import TINY_DATA
 
@@ -140,7 +136,7 @@ def test_warm_start_from_a_baseline_bundle(tmp_path: Path) -> None:
         module.net.backbone.body.layer1[0].conv1.weight, base.backbone.body.layer1[0].conv1.weight
     )
     x = torch.rand(2, 3, 32, 32)
-    assert torch.allclose(module._reference[0](x).logits, base(x).logits)
+    assert torch.allclose(module.reference(x).logits, base(x).logits)
 
 
 # -- metrics against independent computations -------------------------------------------------------

@@ -503,7 +503,7 @@ def test_fdr_multi_and_single_category(make_cfg, tmp_path) -> None:
 
 
 def test_single_category_module_round_trips_hparams() -> None:
-    from interpzoo.models.icnn import ICNNModule
+    from interpzoo.models.lit_icnn import ICNNModule
 
     info = {"num_classes": 10, "in_chans": 3, "mean": [0.5] * 3, "std": [0.25] * 3, "part_names": ["a", "b"]}
     m = ICNNModule(arch="icnn", data_info=info, mode="single", target_class=4)

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from interpzoo.datamodules.base import shard_indices
 from interpzoo.layers.protopnet import (
     PrototypeLayer,
     avg_separation_cost,
@@ -453,12 +454,23 @@ def test_class_purity_and_explanation_size_by_hand() -> None:
 
 def test_prototype_unique_counts_duplicates() -> None:
     net = _net()
+
+    def unique() -> float:
+        return prototype_unique(
+            net.prototype_mask,
+            net.push_source_index,
+            net.push_source_location,
+            net.prototype_layer.prototype_vectors,
+        )
+
     with torch.no_grad():
         net.prototype_layer.prototype_vectors[1] = net.prototype_layer.prototype_vectors[0]
-    assert prototype_unique(net) == pytest.approx(5 / 6)
+    assert unique() == pytest.approx(5 / 6)
     net.push_source_index.copy_(torch.tensor([0, 0, 1, 2, 3, 4]))
     net.push_source_location.copy_(torch.tensor([[0, 0], [0, 0], [0, 0], [1, 1], [0, 0], [2, 2]]))
-    assert prototype_unique(net) == pytest.approx(5 / 6)
+    assert unique() == pytest.approx(5 / 6)
+    net.prototype_mask[1] = 0  # pruning the duplicate leaves 5 distinct sources among 5 active ones
+    assert unique() == pytest.approx(1.0)
 
 
 # -- runs ----------------------------------------------------------------------------------------
@@ -544,8 +556,11 @@ def _ddp_push_worker(rank: int, world: int, init_file: str, out_dir: str) -> Non
         data = _dataset(n=15)
         # duplicate image 3 as sample 14 on the other shard: an exact tie, broken by sample id
         data[14] = {"image": data[3]["image"], "label": data[3]["label"], "index": torch.tensor(14)}
-        push_prototypes(net, DataLoader(data, batch_size=4))
-        nn_ = nearest_patches(net, DataLoader(data, batch_size=4), k=3)
+        # each rank scans its interleaved shard, as BaseDataModule.push_dataloader(rank, world) gives it
+        shard = [data[i] for i in shard_indices(len(data), rank, world)]
+        assert [int(d["index"]) for d in shard] == list(range(rank, 15, world))
+        push_prototypes(net, DataLoader(shard, batch_size=4))
+        nn_ = nearest_patches(net, DataLoader(shard, batch_size=4), k=3)
         torch.save({"state": net.state_dict(), "nn": nn_}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

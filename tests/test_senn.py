@@ -13,6 +13,7 @@ from interpzoo.layers.senn import (
     concept_sparsity_loss,
     robustness_loss,
     robustness_residual,
+    subbatch_robustness_loss,
 )
 from interpzoo.metrics.senn import (
     ConceptSparsity,
@@ -203,7 +204,7 @@ def test_batchnorm_policies() -> None:
     assert not [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert any(isinstance(m, nn.GroupNorm) for m in net.modules())
     # keep: the loss refuses to run in training mode, naming the fix
-    from interpzoo.models.senn import SENNModule
+    from interpzoo.models.lit_senn import SENNModule
 
     mod = SENNModule(
         arch="senn_resnet18s",
@@ -371,3 +372,96 @@ def test_concept_statistics_metrics() -> None:
         and res["max"].item() == 3.0
         and res["undefined"].item() == pytest.approx(1 / 3)
     )
+
+
+# -- the sub-batch estimate (penalty_method=subbatch) ------------------------------------------------
+@pytest.mark.parametrize("reduction", ["mean", "rms", "batch_fro"])
+def test_subbatch_penalty_is_an_unbiased_estimate(reduction: str) -> None:
+    """Over many draws the estimate (its square for rms / batch_fro) averages to the exact penalty, within
+    4 standard errors of the sampling-without-replacement variance ``(1 - s/B) S^2 / s``."""
+    net = _tabular_net(k_classes=3, f=6).eval()
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1)) * 2
+    xg = x.clone().requires_grad_()
+    out = net(xg)
+    norms = robustness_loss(xg, out.concepts, out.relevances, out.logits, reduction="none").detach().double()
+    batch, size, n = 16, 4, 400
+    # per-sample terms whose batch mean the (squared) estimate targets, and the matching exact value
+    terms = norms if reduction == "mean" else norms**2 * (batch if reduction == "batch_fro" else 1)
+    exact = {"mean": norms.mean(), "rms": (norms**2).mean(), "batch_fro": (norms**2).sum()}[reduction]
+    assert torch.allclose(terms.mean(), exact)
+
+    def forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        o = net(z)
+        return o.concepts, o.relevances, o.logits
+
+    est = torch.tensor(
+        [
+            float(
+                subbatch_robustness_loss(
+                    forward,
+                    x,
+                    size / batch,
+                    generator=torch.Generator().manual_seed(i),
+                    reduction=reduction,
+                    create_graph=False,
+                )
+            )
+            for i in range(n)
+        ],
+        dtype=torch.float64,
+    )
+    est = est if reduction == "mean" else est**2
+    se = ((1 - size / batch) * terms.var() / size / n).sqrt()
+    assert est.std() > 0.1 * terms.std()  # a real estimate, not the exact value every time
+    assert abs(float(est.mean() - exact)) < 4 * float(se), (float(est.mean()), float(exact), float(se))
+
+
+def test_subbatch_penalty_gradient_is_unbiased_and_fraction_one_is_exact() -> None:
+    net = _tabular_net(k_classes=3, f=6).eval()
+    x = torch.randn(12, 6, generator=torch.Generator().manual_seed(2))
+    weight = net.parametrizer.head.weight
+
+    def forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        o = net(z)
+        return o.concepts, o.relevances, o.logits
+
+    xg = x.clone().requires_grad_()
+    out = net(xg)
+    exact_value = robustness_loss(xg, out.concepts, out.relevances, out.logits)
+    (exact,) = torch.autograd.grad(exact_value, weight)
+    full = subbatch_robustness_loss(forward, x, 1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(full, exact_value, atol=1e-6)  # the whole batch, permuted: the exact penalty
+    grads = torch.stack(
+        [
+            torch.autograd.grad(
+                subbatch_robustness_loss(forward, x, 0.25, generator=torch.Generator().manual_seed(i)), weight
+            )[0]
+            for i in range(300)
+        ]
+    ).double()
+    err = float(torch.linalg.vector_norm(grads.mean(0) - exact.double()))
+    se = float((grads.var(0).sum() / grads.shape[0]).sqrt())  # E||mean - exact||^2 = tr Cov / n
+    assert se > 0 and err < 3 * se, (err, se)
+    with pytest.raises(ValueError, match="fraction"):
+        subbatch_robustness_loss(forward, x, 0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        subbatch_robustness_loss(forward, x, 0.5, reduction="none")
+
+
+def test_senn_module_penalty_method_subbatch() -> None:
+    from interpzoo.datamodules.tabular import WineDataModule
+    from interpzoo.models.lit_senn import SENNModule
+
+    dm = WineDataModule(seed=0)
+    dm.setup()
+    torch.manual_seed(0)
+    module = SENNModule(data_info=dm.data_info, penalty_method="subbatch", penalty_subbatch=0.25).eval()
+    x = dm.train_set.features[:32].clone().requires_grad_()
+    out = module.net(x)
+    exact = robustness_loss(x, out.concepts, out.relevances, out.logits, input_scale=module.net.input_scale())
+    # evaluation logs the exact value; training gets the estimate, differentiable in the parameters
+    assert torch.allclose(module.robustness_penalty(x, out, create_graph=False), exact)
+    est = module.robustness_penalty(x, out)
+    assert est.requires_grad and not torch.allclose(est, exact)
+    with pytest.raises(ValueError, match="penalty_method must be one of"):
+        SENNModule(data_info=dm.data_info, penalty_method="hutchinson")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from interpzoo.datamodules.base import fixed_subset_indices
 from interpzoo.datamodules.tabular import (
     BreastCancerDataModule,
     CSVDataModule,
@@ -27,7 +28,6 @@ from interpzoo.metrics.senn import (
     LocalLipschitz,
     MeanScore,
     concept_faithfulness_scores,
-    fixed_subset_indices,
 )
 from interpzoo.models import load_checkpoint, load_pretrained
 from interpzoo.run import train

@@ -17,10 +17,10 @@ from interpzoo.metrics.soft_autoencoder import (
     psnr,
     ssim,
 )
-from interpzoo.models import create_model
+from interpzoo.models import create_model, load_pretrained
+from interpzoo.models.lit_soft_autoencoder import SoftAutoencoderModule
 from interpzoo.models.soft_autoencoder import (
     SoftAutoencoder,
-    SoftAutoencoderModule,
     replace_relu_with_soft_threshold,
     universal_threshold,
     wavelet_shrinkage,
@@ -428,7 +428,7 @@ def test_short_run_learns_and_writes_report(make_cfg, tmp_path) -> None:
     assert 0 < metrics["test/code_sparsity/stage3"] < 1
     figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
     assert figures == ["denoising_examples.png", "first_layer_filters.png", "thresholds.png"]
-    net = __import__("models").load_pretrained(tmp_path / "bundle")
+    net = load_pretrained(tmp_path / "bundle")
     assert isinstance(net, SoftAutoencoder) and net.thresholds()
 
 

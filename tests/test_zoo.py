@@ -27,6 +27,10 @@ PSNR_ATOL = 1e-3
 # every other recorded test metric (interpretability metrics run on fixed seeded subsets)
 METRIC_RTOL = 1e-4
 METRIC_ATOL = 1e-4
+# SENN's Lipschitz estimates are maxima of a projected gradient ascent: the argmax moves with the CPU's float
+# kernels. Measured spread between two machines of the same kind: 23.394 vs 23.378 (6.6e-4 relative) for
+# test/lipschitz_max, 3e-5 for test/lipschitz; 5e-3 is about 8x the largest measured spread.
+ASCENT_RTOL = 5e-3
 TRAINING_ONLY = {"test/push_gap"}
 HEADLINE_KEYS = {
     arch: key
@@ -161,7 +165,8 @@ def test_bundle_reevaluates_to_recorded_metrics(name: str, tmp_path: Path) -> No
     missing = sorted(set(want) - set(got) - TRAINING_ONLY)
     assert not missing, f"re-evaluation did not measure {missing}"
     for k in set(want) & set(got):
-        assert got[k] == pytest.approx(want[k], rel=METRIC_RTOL, abs=METRIC_ATOL), k
+        rtol = ASCENT_RTOL if "lipschitz" in k else METRIC_RTOL
+        assert got[k] == pytest.approx(want[k], rel=rtol, abs=METRIC_ATOL), k
 
 
 def test_readme_zoo_table_is_current() -> None:

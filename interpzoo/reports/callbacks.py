@@ -1,29 +1,30 @@
-"""Lightning callbacks for metrics that are not batch-decomposable (run on a fixed, seeded subset)."""
+"""Lightning callbacks for metrics that are not batch-decomposable (run on a fixed, seeded subset).
+
+:class:`IntrinsicDimension` logs the TwoNN intrinsic dimension (Facco et al., *Scientific Reports* 2017;
+Ansuini et al., "Intrinsic dimension of data representations in deep neural networks", NeurIPS 2019) of
+chosen layers; ``conf/callbacks/intrinsic_dim.yaml`` adds it to a run.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from rich.progress import track
-from torch.utils.data import DataLoader, Subset
 
+from interpzoo.datamodules.base import fixed_subset_indices
 from interpzoo.metrics.intrinsic_dim import twonn_dimension
+from interpzoo.models.lit_base import batch_input
 from interpzoo.models.surgery import get_submodule
 
-
-def fixed_subset(dataset: torch.utils.data.Dataset, num_samples: int, seed: int) -> Subset:
-    """The same ``num_samples`` items of ``dataset`` on every rank and every call."""
-    n = len(dataset)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(n, generator=g)[: min(num_samples, n)].sort().values.tolist()
-    return Subset(dataset, idx)
+__all__ = ["IntrinsicDimension"]
 
 
 class IntrinsicDimension(pl.Callback):
-    """Log ``test/intrinsic_dim/<layer>`` (TwoNN, ``metrics.md`` A.6) at the end of testing.
+    """Log ``test/intrinsic_dim/<layer>`` (TwoNN, :func:`interpzoo.metrics.intrinsic_dim.twonn_dimension`).
 
     Every rank computes the estimate on the same fixed subset with the same weights, so the value is
     identical everywhere without a collective (the estimator needs all points in one place).
@@ -53,9 +54,8 @@ class IntrinsicDimension(pl.Callback):
         self.stages = tuple(stages)
 
     @torch.no_grad()
-    def compute(self, pl_module: pl.LightningModule, dataset: torch.utils.data.Dataset) -> dict[str, float]:
-        from interpzoo.models.lit_base import batch_input
-
+    def compute(self, pl_module: pl.LightningModule, datamodule: Any, split: str) -> dict[str, float]:
+        """``{layer: intrinsic dimension}`` on the fixed subset of ``datamodule``'s ``split``."""
         layers = []
         for name in self.layers:
             try:
@@ -78,7 +78,9 @@ class IntrinsicDimension(pl.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            loader = DataLoader(fixed_subset(dataset, self.num_samples, self.seed), batch_size=128)
+            n = len(getattr(datamodule, f"{split}_set"))
+            idx = fixed_subset_indices(n, self.num_samples, self.seed)
+            loader = datamodule.subset_dataloader(split, idx, batch_size=128)
             for batch in track(loader, description="intrinsic dimension", disable=not _is_main(pl_module)):
                 pl_module(batch_input(batch).to(pl_module.device))
         finally:
@@ -92,7 +94,7 @@ class IntrinsicDimension(pl.Callback):
         dataset = getattr(dm, f"{stage}_set", None) if dm is not None else None
         if dataset is None:
             return
-        for name, value in self.compute(pl_module, dataset).items():
+        for name, value in self.compute(pl_module, dm, stage).items():
             pl_module.log(f"{stage}/intrinsic_dim/{name}", value, sync_dist=False)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,4 +1,7 @@
-"""ProtoPNet report figures: the prototype gallery and "this looks like that" explanations (PNG, matplotlib Agg).
+"""ProtoPNet report figures (Chen et al., "This looks like that: deep learning for interpretable image
+recognition", NeurIPS 2019): prototype visualisation after push and the "this looks like that" reasoning.
+
+:func:`protopnet_report` writes the confusion matrix and two figures (PNG):
 
 * :func:`prototype_gallery`: one row per class, one panel per prototype: its source training image (the
   image push projected it onto), the bicubically upsampled self-activation heatmap, the 95th-percentile
@@ -14,17 +17,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+from interpzoo.layers.protopnet import upsample_maps
+from interpzoo.models.protopnet import ProtoPNet
+from interpzoo.reports.common import confusion_matrix_figure, save_figure
 
-from interpzoo.models.protopnet import ProtoPNet, upsample_maps  # noqa: E402
+__all__ = ["explanation_figure", "protopnet_report", "prototype_gallery"]
 
-__all__ = ["explanation_figure", "prototype_gallery"]
+
+def protopnet_report(module: Any, datamodule: Any, out_dir: Path) -> list[Path]:
+    """``confusion_matrix.png``, ``prototype_gallery.png`` and ``this_looks_like_that.png`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    return [
+        confusion_matrix_figure(module, datamodule, out_dir / "confusion_matrix.png"),
+        prototype_gallery(module.net, datamodule, out_dir / "prototype_gallery.png"),
+        explanation_figure(module.net, datamodule, out_dir / "this_looks_like_that.png"),
+    ]
 
 
 def _to_numpy_image(img: torch.Tensor) -> np.ndarray:
@@ -112,9 +124,8 @@ def prototype_gallery(net: ProtoPNet, datamodule: Any, path: Path, max_prototype
         rows.append(js)
         total += len(js)
     ncols = max((len(r) for r in rows), default=1)
-    fig, axes = plt.subplots(
-        max(1, len(rows)), ncols, figsize=(1.3 * ncols + 0.8, 1.4 * max(1, len(rows)) + 0.6), squeeze=False
-    )
+    fig = Figure(figsize=(1.3 * ncols + 0.8, 1.4 * max(1, len(rows)) + 0.6))
+    axes = fig.subplots(max(1, len(rows)), ncols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     if not net.pushed:
@@ -139,10 +150,7 @@ def prototype_gallery(net: ProtoPNet, datamodule: Any, path: Path, max_prototype
             "receptive field (cyan)",
             fontsize=8,
         )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, tight=True)
     net.train(was)
     return path
 
@@ -171,7 +179,8 @@ def explanation_figure(
         else {}
     )
     k = len(expl[0].prototypes) if expl else 0
-    fig, axes = plt.subplots(n, 1 + 2 * k, figsize=(1.6 * (1 + 2 * k), 1.9 * n + 0.4), squeeze=False)
+    fig = Figure(figsize=(1.6 * (1 + 2 * k), 1.9 * n + 0.4))
+    axes = fig.subplots(n, 1 + 2 * k, squeeze=False)
     for i, e in enumerate(expl):
         _draw(axes[i, 0], x[i])
         axes[i, 0].set_title(f"true {names[labels[i]]}\npred {names[e.target]}", fontsize=6)
@@ -198,9 +207,6 @@ def explanation_figure(
         "this looks like that: top prototypes of the predicted class (logit = sum of contributions)",
         fontsize=8,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, tight=True)
     net.train(was)
     return path

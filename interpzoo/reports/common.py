@@ -1,24 +1,37 @@
-"""Report figures shared by every classifier (PNG files; also sent to the logger by the runner)."""
+"""Helpers of every report module and the figure every classifier gets: the test confusion matrix.
+
+Figures are drawn with matplotlib's object-oriented API (``Figure(...)``, ``fig.savefig(path)``), which
+needs no backend and leaves a user's pyplot state and backend untouched.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from interpzoo.models.lit_base import batch_input
+
+__all__ = ["classification_report", "confusion_matrix_figure", "predict_split", "save_figure"]
+
+
+def save_figure(fig: Figure, path: Path, dpi: int = 100, tight: bool = False) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (parent folders created); ``tight`` runs ``tight_layout`` first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return path
 
 
 @torch.no_grad()
 def predict_split(
     module: Any, loader: Any, max_batches: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(labels, predictions)`` of ``module`` over ``loader`` (eval mode, no gradients)."""
-    from interpzoo.models.lit_base import batch_input
-
+    """``(labels, predictions)``, each ``(N,)``, of ``module`` over ``loader`` (eval mode, no gradients)."""
     was_training = module.training
     module.eval()
     ys, ps = [], []
@@ -40,15 +53,17 @@ def confusion_matrix_figure(module: Any, datamodule: Any, path: Path, max_batche
     cm.index_put_((y, p), torch.ones_like(y, dtype=torch.float), accumulate=True)
     cm = cm / cm.sum(1, keepdim=True).clamp(min=1)
     names = module.data_info.get("class_names") or [str(i) for i in range(k)]
-    fig, ax = plt.subplots(figsize=(1 + 0.45 * k, 1 + 0.45 * k))
+    fig = Figure(figsize=(1 + 0.45 * k, 1 + 0.45 * k))
+    ax = fig.subplots()
     ax.imshow(cm.numpy(), cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(k), names, rotation=90, fontsize=7)
     ax.set_yticks(range(k), names, fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"test accuracy {float((y == p).float().mean()):.3f}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, tight=True)
+
+
+def classification_report(module: Any, datamodule: Any, out_dir: Path) -> list[Path]:
+    """``confusion_matrix.png`` in ``out_dir``: the report of a plain classifier."""
+    return [confusion_matrix_figure(module, datamodule, Path(out_dir) / "confusion_matrix.png")]

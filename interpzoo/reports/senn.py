@@ -2,7 +2,7 @@
 
 Alvarez-Melis & Jaakkola, NeurIPS 2018, Fig. 2/3: an explanation is the pair (concepts h(x),
 relevances theta(x)), and each learned concept is grounded by the training samples that activate it
-most (the reference ``concept_grid``).
+most (the reference ``concept_grid``). :func:`senn_report` writes them with the confusion matrix.
 """
 
 from __future__ import annotations
@@ -10,14 +10,38 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from interpzoo.models.lit_base import batch_input
+from interpzoo.reports.common import confusion_matrix_figure, save_figure
 
-from interpzoo.models.lit_base import batch_input  # noqa: E402
+__all__ = [
+    "concept_prototypes_figure",
+    "reconstruction_figure",
+    "relevance_figure",
+    "senn_report",
+    "top_activating",
+]
+
+
+def senn_report(module: Any, datamodule: Any, out_dir: Path) -> list[Path]:
+    """Confusion matrix, ``senn_relevances.png``, and for learned concepts ``senn_concept_prototypes.png``
+    and (with a decoder) ``senn_reconstructions.png``, in ``out_dir``."""
+    out_dir = Path(out_dir)
+    cfg = module.report_cfg
+    paths = [confusion_matrix_figure(module, datamodule, out_dir / "confusion_matrix.png")]
+    paths.append(relevance_figure(module, datamodule, out_dir / "senn_relevances.png", cfg["samples"]))
+    if not module.net.uses_input_concepts:
+        paths.append(
+            concept_prototypes_figure(
+                module, datamodule, out_dir / "senn_concept_prototypes.png", cfg["top_k"]
+            )
+        )
+    if getattr(module.net.conceptizer, "has_decoder", False):
+        paths.append(reconstruction_figure(module, datamodule, out_dir / "senn_reconstructions.png"))
+    return paths
 
 
 def _image_for_display(img: torch.Tensor) -> tuple[Any, str | None]:
@@ -45,13 +69,6 @@ def _pick_test_samples(datamodule: Any, n: int) -> dict[str, torch.Tensor]:
         if i not in chosen:
             chosen.append(i)
     return torch.utils.data.default_collate([ds[i] for i in sorted(chosen)])
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 @torch.no_grad()
@@ -82,7 +99,8 @@ def relevance_figure(module: Any, datamodule: Any, path: Path, num_samples: int 
 
     if not net.tabular and net.uses_input_concepts:
         d, shape = net.conceptizer.num_inputs, net.input_shape
-        fig, axes = plt.subplots(n, 1 + n_cls, figsize=(1.5 * (1 + n_cls), 1.7 * n), squeeze=False)
+        fig = Figure(figsize=(1.5 * (1 + n_cls), 1.7 * n))
+        axes = fig.subplots(n, 1 + n_cls, squeeze=False)
         for r in range(n):
             img, cmap = _image_for_display(batch_input(batch)[r])
             axes[r][0].imshow(img, cmap=cmap)
@@ -98,19 +116,14 @@ def relevance_figure(module: Any, datamodule: Any, path: Path, num_samples: int 
                 ax.axis("off")
         fig.suptitle("SENN relevance of every pixel for every class (red +, blue -; * predicted)", fontsize=8)
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)
 
     image_row = not net.tabular
     rows = 3 if image_row else 2
     panel_h = max(1.6, 0.16 * k + 0.8)
     heights = ([1.4] if image_row else []) + [panel_h, panel_h]
-    fig, axes = plt.subplots(
-        rows,
-        n,
-        figsize=(1.2 + (0.3 * n_cls + 1.6) * n, sum(heights) + 0.8),
-        squeeze=False,
-        gridspec_kw={"height_ratios": heights},
-    )
+    fig = Figure(figsize=(1.2 + (0.3 * n_cls + 1.6) * n, sum(heights) + 0.8))
+    axes = fig.subplots(rows, n, squeeze=False, gridspec_kw={"height_ratios": heights})
     fs = 5 if k > 12 else 6
     for r in range(n):
         col = [axes[i][r] for i in range(rows)]
@@ -125,7 +138,7 @@ def relevance_figure(module: Any, datamodule: Any, path: Path, num_samples: int 
         ax.imshow(theta.numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
         ax.set_xticks(range(n_cls), [c[:8] for c in class_names], rotation=90, fontsize=fs)
         ax.set_yticks(range(k), concept_names if r == 0 else [""] * k, fontsize=fs)
-        ax.add_patch(plt.Rectangle((y_pred - 0.5, -0.5), 1, k, fill=False, edgecolor="black", lw=1.2))
+        ax.add_patch(Rectangle((y_pred - 0.5, -0.5), 1, k, fill=False, edgecolor="black", lw=1.2))
         col[0].set_title(titles[r], fontsize=6)
         ax = col[-1]
         contrib = ex["contributions"][r].cpu()
@@ -143,7 +156,7 @@ def relevance_figure(module: Any, datamodule: Any, path: Path, num_samples: int 
         fontsize=7,
     )
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -153,7 +166,7 @@ def top_activating(
     """Indices ``(k, top_k)`` into the push (un-augmented training) set of the samples that activate
     each concept most, and their activations ``(k, top_k)``."""
     net = module.net
-    loader = DataLoader(datamodule.push_set, batch_size=256, shuffle=False)
+    loader = datamodule.subset_dataloader("push", range(len(datamodule.push_set)), batch_size=256)
     was_training = net.training
     net.eval()
     hs, seen = [], 0
@@ -179,7 +192,8 @@ def concept_prototypes_figure(module: Any, datamodule: Any, path: Path, top_k: i
     k, t = idx.shape
     if net.tabular:
         names = module.data_info.get("feature_names") or [f"x{i}" for i in range(net.input_shape[0])]
-        fig, axes = plt.subplots(k, 1, figsize=(max(4, 0.25 * len(names)), 1.2 * k + 1), squeeze=False)
+        fig = Figure(figsize=(max(4, 0.25 * len(names)), 1.2 * k + 1))
+        axes = fig.subplots(k, 1, squeeze=False)
         for i in range(k):
             feats = torch.stack([ds[int(j)]["features"] for j in idx[i]])
             z = net.normalize(feats.to(module.device)).cpu()
@@ -192,7 +206,8 @@ def concept_prototypes_figure(module: Any, datamodule: Any, path: Path, top_k: i
             ) if i == k - 1 else ax.set_xticks([])
         fig.suptitle("top activating training samples per concept (standardised features)", fontsize=8)
     else:
-        fig, axes = plt.subplots(k, t, figsize=(1.1 * t, 1.2 * k + 0.5), squeeze=False)
+        fig = Figure(figsize=(1.1 * t, 1.2 * k + 0.5))
+        axes = fig.subplots(k, t, squeeze=False)
         for i in range(k):
             for j in range(t):
                 item = ds[int(idx[i, j])]
@@ -206,7 +221,7 @@ def concept_prototypes_figure(module: Any, datamodule: Any, path: Path, top_k: i
                     ax.set_ylabel(f"concept {i}", fontsize=7)
         fig.suptitle("training samples that activate each concept most", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -225,13 +240,15 @@ def reconstruction_figure(module: Any, datamodule: Any, path: Path, n: int = 8) 
         shape = (1, -1) + (1,) * (recon.dim() - 2)
         recon = recon * norm.std.view(shape) + norm.mean.view(shape)
     if net.tabular:
-        fig, ax = plt.subplots(1, 1, figsize=(6, 3))
+        fig = Figure(figsize=(6, 3))
+        ax = fig.subplots(1, 1)
         ax.plot(out.reconstruction_target[0].cpu().numpy(), "o-", label="input (standardised)")
         ax.plot(out.reconstruction[0].cpu().numpy(), "x--", label="reconstruction")
         ax.legend(fontsize=7)
     else:
         m = x.shape[0]
-        fig, axes = plt.subplots(2, m, figsize=(1.1 * m, 2.4), squeeze=False)
+        fig = Figure(figsize=(1.1 * m, 2.4))
+        axes = fig.subplots(2, m, squeeze=False)
         for j in range(m):
             for r, t in enumerate((x[j], recon[j])):
                 img, cmap = _image_for_display(t)
@@ -240,4 +257,4 @@ def reconstruction_figure(module: Any, datamodule: Any, path: Path, n: int = 8) 
         axes[0][0].set_title("input", fontsize=7, loc="left")
         axes[1][0].set_title("reconstruction", fontsize=7, loc="left")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,0 +1,487 @@
+"""The concept whitening LightningModule (Chen, Bei & Rudin, "Concept whitening for interpretable image
+recognition", *Nature Machine Intelligence* 2020).
+
+:class:`ConceptWhiteningModule` fine-tunes a
+:class:`~interpzoo.models.concept_whitening.ConceptWhiteningNet`: every ``align_every`` batches one batch
+per concept, reduction across ranks, Cayley rotation update (the paper's Eq. 3, solved by a
+Cayley-transform curvilinear search); concept purity metrics against the matched BN model. Its concept
+batches come from the datamodule (:meth:`~interpzoo.datamodules.base.BaseDataModule.concept_dataloaders`,
+one shard per rank under DDP); its report figures are drawn by :mod:`interpzoo.reports.concept_whitening`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from interpzoo.layers.concept_whitening import ConceptWhitening2d, SyncConceptWhitening2d, pool_axes
+from interpzoo.models.concept_whitening import ConceptWhiteningNet, ConceptWhiteningOutput, forward_until
+from interpzoo.models.lit_base import ClassificationModule
+from interpzoo.models.outputs import NetworkOutput
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ConceptWhiteningModule"]
+
+_CAYLEY_KEYS = ("tau0", "c1", "c2", "max_tries", "outer_steps")
+# held-out concept images: a fixed random subset per concept, seeded 10_000 + axis
+_EVAL_SUBSET_SEED = 10_000
+
+
+class ConceptWhiteningModule(ClassificationModule):
+    """Fine-tunes a concept-whitened classifier; aligns the axes with concept batches (paper Eq. 3).
+
+    Every ``align_every`` training batches (before that batch's step, as the reference code): the
+    network goes to eval mode, one batch of each concept's probe set runs without gradients (stopping
+    after the whitening layer), the accumulated gradients are made equal on every rank, the rotation is
+    updated and broadcast, and the network returns to train mode. Concept batches never touch the
+    running statistics.
+
+    Metrics, logged as ``val/...`` and ``test/...``:
+    ``concept_auc/<concept>`` and ``concept_auc_mean`` (one-vs-all AUC of ``phi(z_j)`` on the held-out
+    concept images), ``concept_auc_fold_std`` (mean over concepts of the std over 5 folds, the
+    reference protocol), ``concept_auc_best_filter/<c>`` / ``concept_auc_cav/<c>`` and their means (the
+    baselines on the matched BN model at the same layer), ``concept_similarity_offdiag``,
+    ``whitening_offdiag_corr``, ``whitening_cov_error``, ``rotation_orthogonality_error``; at test also
+    ``concept_importance/<c>`` (increase of the loss when axis ``j`` is permuted across the batch).
+
+    Args:
+        concepts: concept names, in axis order; ``None``: ``data_info["concept_names"]`` (the concept
+            folders of an image-folder dataset).
+        align_every: alignment period in training batches (reference: 30 on Places365, 20 on ISIC).
+        concept_batch_size: images per concept batch and rank (``None``: the training batch size).
+        cayley: ``tau0``, ``c1``, ``c2``, ``max_tries``, ``outer_steps`` of the rotation update.
+        init_from: bundle folder or ``.ckpt`` of a trained BN model of the same backbone (``baseline``) to
+            warm-start from (the paper's recipe); it is also the matched BN model of the baselines.
+        concept_eval_samples: held-out concept images per concept for the metrics (fixed, seeded subset).
+        eval_every_n_epochs: concept metrics every N validation epochs (always at test).
+        baselines: compute the best-filter and CAV baselines (needs ``init_from`` or a pretrained backbone).
+        permutation_importance: compute ``concept_importance/<c>`` at test.
+        report_top_k, report_samples: report figure of the top-``k`` test images per axis out of the
+            first ``report_samples`` test images.
+        Other arguments: see :class:`~models.lit_base.InterpModule`.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        concepts: list[str] | None = None,
+        align_every: int = 30,
+        concept_batch_size: int | None = None,
+        cayley: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        concept_eval_samples: int = 200,
+        eval_every_n_epochs: int = 1,
+        baselines: bool = True,
+        permutation_importance: bool = True,
+        report_top_k: int = 8,
+        report_samples: int = 512,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("arch", "cw")
+        super().__init__(*args, **kwargs)
+        from interpzoo.metrics.concept_whitening import (
+            ConceptAUC,
+            ConceptSimilarity,
+            PermutationImportance,
+            WhiteningCorrelation,
+        )
+
+        bad = sorted(set(cayley or {}) - set(_CAYLEY_KEYS))
+        if bad:
+            raise ValueError(f"unknown cayley option(s) {bad}; known: {list(_CAYLEY_KEYS)}")
+        if align_every < 0:
+            raise ValueError(f"align_every must be >= 0 (0 disables alignment), got {align_every}")
+        self.concept_names = self.net.concepts
+        k, c = len(self.concept_names), self.net.cw_layer.num_features
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_concept_auc", ConceptAUC(k))
+            setattr(self, f"{stage}_concept_similarity", ConceptSimilarity(k, c))
+            setattr(self, f"{stage}_whitening_corr", WhiteningCorrelation(c))
+        self.test_permutation = PermutationImportance(k)
+        self._concept_iters: list[Iterator[dict[str, Any]]] | None = None
+        self._reference: list[nn.Module] = []  # matched BN model, kept out of the module tree
+        self._baseline_cache: dict[str, float] | None = None
+
+    # -- network ----------------------------------------------------------------------------------
+    def net_arguments(self) -> tuple[str, dict[str, Any]]:
+        arch, args = super().net_arguments()
+        concepts = self.hparams.get("concepts")
+        if concepts is None:
+            concepts = self.data_info.get("concept_names")
+        if concepts is None:
+            raise ValueError(
+                "concept whitening needs concept names: set model.concepts=[...] (PartShapes probe concepts such "
+                "as has_red) or use a dataset with concept folders (data.concepts_train_dir)"
+            )
+        args["concepts"] = [str(c) for c in concepts]
+        return arch, args
+
+    def build_net(self) -> nn.Module:
+        net = super().build_net()
+        if not isinstance(net, ConceptWhiteningNet):
+            raise TypeError(
+                f"ConceptWhiteningModule needs arch=cw or cw_<backbone>, got {type(net).__name__}"
+            )
+        if len(net.concepts) > net.cw_layer.num_features:
+            raise ValueError(
+                f"{len(net.concepts)} concepts but the whitened layer has {net.cw_layer.num_features} axes"
+            )
+        return net
+
+    # -- setup --------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if stage == "fit":
+            if dm is not None:
+                self._check_concept_sets(dm)
+            if self.hparams.init_from and self.trainer.ckpt_path is None:
+                self.warm_start(self.hparams.init_from)
+        if self.hparams.baselines and not self._reference:
+            ref = self._build_reference()
+            if ref is not None:
+                self._reference.append(ref)
+
+    def _check_concept_sets(self, dm: Any) -> None:
+        for split in ("train", "test"):
+            available = list(dm.concept_datasets(split))
+            missing = [c for c in self.concept_names if c not in available]
+            if missing:
+                raise ValueError(
+                    f"concept(s) {missing} have no {split} probe set in {type(dm).__name__} (available: "
+                    f"{available}). Choose model.concepts among them, or add the concepts to the data "
+                    f"config (data.concepts=[...] for PartShapes, one folder per concept for image folders)."
+                )
+
+    def _source_net(self, source: str) -> nn.Module:
+        from interpzoo.models.bundle import load_pretrained
+        from interpzoo.models.checkpoint import load_checkpoint
+
+        path = Path(source)
+        net = load_checkpoint(path) if path.suffix == ".ckpt" else load_pretrained(source)
+        return net.eval()
+
+    @torch.no_grad()
+    def warm_start(self, source: str) -> None:
+        """Copy a trained BN model's weights; each whitening layer starts from its BatchNorm's statistics."""
+        src = self._source_net(source)
+        src_state = src.state_dict()
+        own = self.net.state_dict()
+        cw_prefixes = {f"backbone.body.{n}." for n in self.net.whitened_names}
+        missing = [
+            k
+            for k in own
+            if not any(k.startswith(p) for p in cw_prefixes)
+            and (k not in src_state or src_state[k].shape != own[k].shape)
+        ]
+        if missing:
+            raise ValueError(
+                f"init_from={source} does not match this network ({len(missing)} tensors missing or of another "
+                f"shape, e.g. {missing[:3]}): warm-start from a BN model of the same backbone and classes"
+            )
+        self.net.load_state_dict(
+            {k: src_state[k] for k in own if k in src_state and src_state[k].shape == own[k].shape},
+            strict=False,
+        )
+        for name, layer in self.net.cw_layers().items():
+            bn = src.get_submodule(f"backbone.body.{name}")
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                raise ValueError(
+                    f"init_from={source}: backbone.body.{name} is a {type(bn).__name__}, not a BatchNorm"
+                )
+            layer.load_batchnorm_statistics(bn.running_mean, bn.running_var, bn.eps)
+        self._reference = [src]
+        log.info("warm-started concept whitening from %s", source)
+
+    def _build_reference(self) -> nn.Module | None:
+        """The matched BN model: ``init_from`` or, with a pretrained backbone, the same BN trunk."""
+        if self.hparams.init_from:
+            try:
+                return self._source_net(self.hparams.init_from)
+            except Exception as e:  # noqa: BLE001 - baselines are optional; say why they are missing
+                warnings.warn(
+                    f"no concept baselines: cannot load init_from={self.hparams.init_from} ({e})",
+                    stacklevel=2,
+                )
+                return None
+        _, args = self.net_arguments()
+        if (args.get("backbone") or {}).get("pretrained"):
+            from interpzoo.models.registry import build_architecture
+
+            keep = ("num_classes", "in_chans", "mean", "std", "backbone")
+            return build_architecture("baseline", {k: args[k] for k in keep if k in args}).eval()
+        return None
+
+    @property
+    def reference(self) -> nn.Module | None:
+        """The matched BN model (``init_from``, or the pretrained BN trunk), or ``None``; kept out of the
+        module tree, so it is neither trained nor saved."""
+        return self._reference[0] if self._reference else None
+
+    # -- concept batches ----------------------------------------------------------------------------
+    def _concept_loaders(self) -> list[Iterator[dict[str, Any]]]:
+        """Endless iterators over this rank's shard of every concept's probe set (axis order)."""
+        loaders = self.trainer.datamodule.concept_dataloaders(
+            "train",
+            batch_size=self.hparams.concept_batch_size,
+            concepts=self.concept_names,
+            rank=self.trainer.global_rank,
+            world_size=self.trainer.world_size,
+            shuffle=True,
+        )
+        return [_cycle(loader) for loader in loaders.values()]
+
+    def _next_concept_batch(self, j: int) -> torch.Tensor:
+        if self._concept_iters is None:
+            self._concept_iters = self._concept_loaders()
+        batch = next(self._concept_iters[j])
+        return batch["image"].to(self.device)
+
+    @torch.no_grad()
+    def align_concepts(self) -> list[float]:
+        """One alignment round: a batch per concept, reduce across ranks, rotate (paper Eq. 3)."""
+        layers = self.net.cw_layers()
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            for j in range(len(self.concept_names)):
+                self.net.concept_forward(self._next_concept_batch(j), j)
+            self._reduce_concept_gradients(layers)
+            taus = self.net.update_rotation(**dict(self.hparams.cayley or {}))
+            self._broadcast_rotations(layers)
+        finally:
+            for layer in layers.values():
+                layer.mode = -1
+            self.net.train(was_training)
+        return taus
+
+    def _distributed(self) -> bool:
+        import torch.distributed as dist
+
+        return (
+            self.trainer is not None
+            and self.trainer.world_size > 1
+            and dist.is_available()
+            and dist.is_initialized()
+        )
+
+    def _reduce_concept_gradients(self, layers: dict[str, ConceptWhitening2d]) -> None:
+        # Synced layers already reduced their gradients; plain layers (DDP without the sync plugin) hold
+        # per-rank averages of equal-sized batches, whose mean is the global one (sum_G is linear in them).
+        if not self._distributed():
+            return
+        import torch.distributed as dist
+
+        world = self.trainer.world_size
+        for layer in layers.values():
+            if isinstance(layer, SyncConceptWhitening2d):
+                continue
+            for t in (layer.sum_G, layer.counter):
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                t.div_(world)
+
+    def _broadcast_rotations(self, layers: dict[str, ConceptWhitening2d]) -> None:
+        if not self._distributed():
+            return
+        import torch.distributed as dist
+
+        for layer in layers.values():
+            if not isinstance(layer, SyncConceptWhitening2d):  # the synced layer broadcasts itself
+                dist.broadcast(layer.running_rot, src=0)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        every = int(self.hparams.align_every)
+        if every <= 0 or not self.concept_names or (batch_idx + 1) % every != 0:
+            return
+        taus = self.align_concepts()
+        self.log("train/cw_tau", float(taus[0]), on_step=True, on_epoch=False, prog_bar=False)
+        self.log(
+            "train/rotation_orthogonality_error",
+            self.net.cw_layer.rotation_orthogonality_error(),
+            on_step=True,
+            on_epoch=False,
+        )
+
+    # -- metrics ------------------------------------------------------------------------------------
+    def update_eval_metrics(self, out: NetworkOutput, batch: dict[str, Any], stage: str) -> None:
+        getattr(self, f"{stage}_whitening_corr").update(out.whitened.detach())
+        if stage == "test" and self.hparams.permutation_importance and self.concept_names:
+            self._update_permutation(out, batch)
+
+    @torch.no_grad()
+    def _update_permutation(self, out: ConceptWhiteningOutput, batch: dict[str, Any]) -> None:
+        x, y = batch["image"], batch["label"]
+        base = F.cross_entropy(out.logits, y, reduction="none")
+        # Seed the permutation by the batch's sample indices: identical on reruns and independent of rank.
+        seed = int(batch["index"].sum()) if "index" in batch else 0
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(x.shape[0], generator=g).to(x.device)
+        losses, errors = [], []
+        for j in range(len(self.concept_names)):
+            handle = self.net.cw_layer.register_forward_hook(_permute_axis_hook(j, perm))
+            try:
+                logits = self.net(x).logits
+            finally:
+                handle.remove()
+            losses.append(F.cross_entropy(logits, y, reduction="none"))
+            errors.append((logits.argmax(1) != y).float())
+        self.test_permutation.update(
+            base, (out.logits.argmax(1) != y).float(), torch.stack(losses, 1), torch.stack(errors, 1)
+        )
+
+    def _concept_eval_loader(self, rank_shard: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(images, concept labels)`` batches of the fixed held-out concept subset (a shard per rank)."""
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if rank_shard else (1, 0)
+        limit = 1 if self.trainer.fast_dev_run else None
+        loaders = self.trainer.datamodule.concept_dataloaders(
+            "test",
+            concepts=self.concept_names,
+            rank=rank,
+            world_size=world,
+            shuffle=False,
+            num_samples=int(self.hparams.concept_eval_samples),
+            sample_seed=_EVAL_SUBSET_SEED,
+        )
+        for j, loader in enumerate(loaders.values()):
+            for i, batch in enumerate(loader):
+                if limit is not None and i >= limit:
+                    break
+                x = batch["image"].to(self.device)
+                yield x, torch.full((x.shape[0],), j, dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def _concept_metrics(self, stage: str) -> None:
+        auc, sim = getattr(self, f"{stage}_concept_auc"), getattr(self, f"{stage}_concept_similarity")
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            for x, labels in self._concept_eval_loader(rank_shard=True):
+                out = self.net(x)
+                auc.update(out.concept_activations, labels)
+                sim.update(out.whitened.mean((2, 3)), labels)
+        finally:
+            self.net.train(was_training)
+        result = auc.compute()  # all ranks: the states are all-gathered
+        auc.reset()
+        offdiag = sim.compute()["offdiag_mean"]
+        sim.reset()
+        values = {
+            f"{stage}/concept_auc/{c}": float(result["auc"][j]) for j, c in enumerate(self.concept_names)
+        }
+        values[f"{stage}/concept_auc_mean"] = float(result["auc"].nanmean())
+        values[f"{stage}/concept_auc_fold_std"] = float(result["fold_std"].nanmean())
+        values[f"{stage}/concept_similarity_offdiag"] = float(offdiag)
+        values.update({f"{stage}/{k}": v for k, v in self._baselines().items()})
+        for k, v in values.items():
+            self.log(k, v, sync_dist=True, rank_zero_only=False)
+
+    @torch.no_grad()
+    def _baselines(self) -> dict[str, float]:
+        """Best single filter and linear probe (CAV) AUCs on the matched BN model (computed once)."""
+        if self._baseline_cache is not None:
+            return self._baseline_cache
+        if not self._reference or not self.hparams.baselines:
+            return {}
+        from interpzoo.metrics.concept_whitening import best_filter_auc, linear_probe_auc
+
+        ref = self._reference[0].to(self.device).eval()
+        layer_name = f"backbone.body.{self.net.whitened_names[0]}"
+
+        def feats(batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+            maps, labels = [], []
+            for x, y in batches:
+                maps.append(forward_until(ref, layer_name, x).cpu())
+                labels.append(y.cpu())
+            return torch.cat(maps), torch.cat(labels)
+
+        def train_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            loaders = self.trainer.datamodule.concept_dataloaders(
+                "train",
+                batch_size=64,
+                concepts=self.concept_names,
+                shuffle=False,
+                num_samples=int(self.hparams.concept_eval_samples),
+            )
+            for j, loader in enumerate(loaders.values()):
+                for i, batch in enumerate(loader):
+                    if self.trainer.fast_dev_run and i >= 1:
+                        break
+                    x = batch["image"].to(self.device)
+                    yield x, torch.full((x.shape[0],), j, dtype=torch.long)
+
+        # Every rank computes the same numbers from the full (small) sets: no collectives needed.
+        test_maps, test_y = feats(self._concept_eval_loader(rank_shard=False))
+        train_maps, train_y = feats(train_batches())
+        mode = self.net.activation_mode
+        k = len(self.concept_names)
+        filt, _ = best_filter_auc(pool_axes(test_maps, mode), test_y, k)
+        cav = linear_probe_auc(train_maps.mean((2, 3)), train_y, test_maps.mean((2, 3)), test_y, k)
+        out: dict[str, float] = {}
+        for j, c in enumerate(self.concept_names):
+            out[f"concept_auc_best_filter/{c}"] = float(filt[j])
+            out[f"concept_auc_cav/{c}"] = float(cav[j])
+        out["concept_auc_mean_best_filter"] = float(filt.nanmean())
+        out["concept_auc_mean_cav"] = float(cav.nanmean())
+        self._baseline_cache = out
+        return out
+
+    def _log_layer_metrics(self, stage: str) -> None:
+        corr = getattr(self, f"{stage}_whitening_corr")
+        res = corr.compute()  # all ranks: sum-reduced states
+        corr.reset()
+        if torch.isfinite(res["offdiag_mean"]):
+            self.log(f"{stage}/whitening_offdiag_corr", float(res["offdiag_mean"]), sync_dist=True)
+            self.log(f"{stage}/whitening_cov_error", float(res["cov_error"]), sync_dist=True)
+        self.log(
+            f"{stage}/rotation_orthogonality_error",
+            self.net.cw_layer.rotation_orthogonality_error(),
+            sync_dist=True,
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.trainer.sanity_checking:
+            self.val_whitening_corr.reset()
+            return
+        self._log_layer_metrics("val")
+        every = max(1, int(self.hparams.eval_every_n_epochs))
+        if self.concept_names and (self.current_epoch + 1) % every == 0:
+            self._concept_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_layer_metrics("test")
+        if self.concept_names:
+            self._concept_metrics("test")
+            if self.hparams.permutation_importance:
+                res = self.test_permutation.compute()
+                for j, c in enumerate(self.concept_names):
+                    self.log(f"test/concept_importance/{c}", float(res["loss_increase"][j]), sync_dist=True)
+                    self.log(
+                        f"test/concept_importance_acc/{c}", float(res["error_increase"][j]), sync_dist=True
+                    )
+                self.test_permutation.reset()
+
+
+def _cycle(loader: Any) -> Iterator[dict[str, Any]]:
+    """Endless iteration over ``loader``, a new shuffle per pass (its ``DistributedSampler``'s epoch)."""
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _permute_axis_hook(axis: int, perm: torch.Tensor) -> Any:
+    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        out = output.clone()
+        out[:, axis] = output[perm, axis]
+        return out
+
+    return hook
