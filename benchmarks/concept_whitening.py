@@ -1,6 +1,6 @@
 """Concept whitening vs the matched BatchNorm model on PartShapes, fine-tuned in one run with the same budget.
 
-The paper's recipe (Chen, Bei & Rudin 2020, spec §1.6): train a BN model, replace one BatchNorm by a
+The paper's recipe (Chen, Bei & Rudin 2020): train a BN model, replace one BatchNorm by a
 concept-whitening layer and fine-tune. Here:
 
 1. warm-up: ``baseline_resnet18s`` (BatchNorm) trained ``--warm-epochs`` epochs;

@@ -14,7 +14,7 @@ data, seed and step budget, tests both on the same index-seeded noisy test image
     python benchmarks/soft_autoencoder.py                      # PartShapes grey 32x32, 300 steps
     python benchmarks/soft_autoencoder.py --data digits --steps 600 --sigmas 15,25,50
 
-Only the paper's abstract is verified (``shared/specs/soft_autoencoder.md``); its datasets and numbers
+Only the paper's abstract is verified; its datasets and numbers
 are not, so nothing here is compared with a published figure.
 """
 

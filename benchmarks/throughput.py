@@ -1,7 +1,8 @@
 """What a training step costs with each interpretable method, against its matched plain network, in one run.
 
-For every method the step is the method's LightningModule step outside a Trainer (forward, the module's own
-``compute_losses`` with its default weights, backward, one Adam step; logging is a no-op on both sides) and
+For every method the step is the method's LightningModule step outside the fitting loop (forward, the
+module's own ``compute_losses`` with its default weights, backward, one Adam step; logging is a no-op on both
+sides) and
 its periodic procedure is timed separately and amortised:
 
 * ``baseline``: the plain network against an identical copy of itself (the A/A noise floor);
@@ -205,7 +206,7 @@ def fmt_ms(v: list[float]) -> str:
 # Building modules from the configs (what train.py builds), outside a Trainer
 # ---------------------------------------------------------------------------------------------
 def _no_log(*args: Any, **kwargs: Any) -> None:
-    """Logging outside a Trainer is a no-op on both sides of every comparison."""
+    """Logging outside a fitting loop is a no-op on both sides of every comparison."""
 
 
 def data_info(task: str, in_chans: int, size: int, num_classes: int = 10) -> dict[str, Any]:
@@ -227,12 +228,15 @@ def build_module(model: str, info: dict[str, Any], overrides: list[str], args: a
     """The LightningModule of ``model=<model>`` with ``overrides``, on the benchmark's device and format."""
     from hydra.utils import instantiate
 
-    from interpzoo.api import compose_config
+    from interpzoo.api import compose_config, quiet_trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config([f"model={model}", *overrides], output_dir=tmp)
     module = instantiate(cfg.model, data_info=info, _convert_="all")
     module.log = _no_log
+    # An idle one-process Trainer (never fitted): what a step reads from it (world size, rank, flags) is
+    # what it would read in a single-device run.
+    module.trainer = quiet_trainer(max_epochs=1)
     module.to(args.device)
     if args.channels_last:
         module.to(memory_format=torch.channels_last)
@@ -426,7 +430,6 @@ def cw_row(
         image_batch(args, b, 3, batch["image"].shape[-1])["image"] * 0.5 + 0.25 * j for j in range(3)
     ]
     cw._next_concept_batch = lambda j: concept_images[j]
-    cw._distributed = lambda: False  # one process, no Trainer
     sides = {"m": Stepper(cw, batch, args), "p": Stepper(base, batch, args)}
     notes = {k: _compiled(mod, args, sides[k]) for k, mod in (("m", cw), ("p", base))}
     reps = max(3, args.reps // (2 if b * batch["image"].shape[-1] ** 2 > 100_000 else 1))

@@ -1,6 +1,6 @@
 """Base LightningDataModule shared by every dataset in interpzoo.
 
-Contract (see ``ARCHITECTURE.md``): every dataset item is a ``dict`` with
+Contract: every dataset item is a ``dict`` with
 
 * ``"image"``: ``(C, H, W)`` float tensor in ``[0, 1]`` (not normalised: every interpzoo network
   normalises its own input with the ``mean``/``std`` of :attr:`BaseDataModule.data_info`, so
@@ -16,12 +16,14 @@ The default collate turns these into the batch dict the LightningModules read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from interpzoo.utils import UsageError
 
@@ -90,6 +92,8 @@ class BaseDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.val_fraction = val_fraction
         self.seed = seed
+        # seed of the training order (None: see train_seed); train.py sets it to the run's seed
+        self.shuffle_seed: int | None = None
         self.train_set: Dataset | None = None
         self.push_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -130,23 +134,51 @@ class BaseDataModule(pl.LightningDataModule):
             )
         return self.batch_size // world
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return int(self.trainer.global_rank), max(1, int(self.trainer.world_size))
+
+    @property
+    def train_seed(self) -> int:
+        """Seed of the training order: :attr:`shuffle_seed` (``train.py`` sets the run's ``seed``), else the
+        seed given to ``pl.seed_everything`` (``PL_GLOBAL_SEED``), else :attr:`seed`."""
+        if self.shuffle_seed is not None:
+            return int(self.shuffle_seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", self.seed))
+
+    def _loader(
+        self, dataset: Dataset | None, shuffle: bool, drop_last: bool = False, train: bool = False
+    ) -> DataLoader:
         if dataset is None:
             self.setup()
             raise RuntimeError("setup() did not create the requested split")
+        rank, world = self._rank_world()
+        sampler: Sampler[int] | None
+        if train:
+            # the single-process order on every world size (GlobalBatchSampler); new workers each epoch, so
+            # their random state derives from the epoch's seed (interpzoo.resume) and a resume replays it
+            sampler = GlobalBatchSampler(
+                len(dataset), self.batch_size, world, rank, seed=self.train_seed, shuffle=shuffle
+            )
+            persistent = False
+        else:
+            sampler = EvalShardSampler(len(dataset), world, rank) if world > 1 else None
+            persistent = self.num_workers > 0
         return DataLoader(
             dataset,
             batch_size=self.per_device_batch_size,
-            shuffle=shuffle,
+            shuffle=False if sampler is not None else shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=persistent,
         )
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, shuffle=True, train=True)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
@@ -271,6 +303,91 @@ class BaseDataModule(pl.LightningDataModule):
                 f"{type(self).__name__} has no {split!r} split; choose one of train, val, test, push"
             )
         return DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+class GlobalBatchSampler(DistributedSampler):
+    """Training order that is the same on 1 or N processes: one global permutation per epoch, split per batch.
+
+    Each epoch draws one permutation of ``range(n)`` from a generator seeded ``seed + epoch`` (the same on
+    every rank and on a resume: the epoch comes from Lightning's loop through :meth:`set_epoch`) and cuts it
+    into global batches of ``batch_size``; rank ``r`` of ``world_size`` takes the ``r``-th contiguous slice of
+    ``batch_size // world_size`` of each, so the union over ranks of each step's batches is the
+    single-process batch (one process uses this sampler too, with ``world_size=1``). A last global batch of
+    ``m`` samples gives each rank ``m // world_size`` of them (the ``m % world_size`` left over are skipped
+    under DDP, with a warning; a batch with fewer samples than ranks is skipped), so every rank makes the
+    same number of steps with equal batch sizes and DDP's gradient mean is the single-process gradient.
+
+    A ``DistributedSampler`` subclass, so Lightning's ``use_distributed_sampler`` does not re-wrap it.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not a rank of world_size {world_size}")
+        if batch_size % world_size != 0:
+            raise ValueError(
+                f"data.batch_size={batch_size} is not divisible by the world size {world_size}; "
+                f"set data.batch_size to a multiple of {world_size}."
+            )
+        # DistributedSampler.__init__ would query torch.distributed; set its attributes directly
+        self.n, self.batch_size, self.num_replicas, self.rank = int(n), int(batch_size), world_size, rank
+        self.seed, self.shuffle, self.epoch, self.drop_last = int(seed), bool(shuffle), 0, False
+        per, last = self.batch_size // world_size, self.n % self.batch_size
+        self.num_samples = (self.n // self.batch_size) * per + last // world_size
+        self.total_size = self.num_samples * world_size
+        if world_size > 1 and last % world_size and rank == 0:
+            warnings.warn(
+                f"the last training batch of each epoch has {last} samples, not a multiple of the "
+                f"{world_size} processes: {last % world_size} of them are skipped each epoch (choose "
+                "data.n_train or data.batch_size so that the remainder divides evenly to train on every sample)",
+                stacklevel=2,
+            )
+
+    def global_order(self) -> list[int]:
+        """This epoch's order of the whole split (what one process iterates)."""
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        order, b, w = self.global_order(), self.batch_size, self.num_replicas
+        for start in range(0, self.n, b):
+            batch = order[start : start + b]
+            per = len(batch) // w
+            yield from batch[self.rank * per : (self.rank + 1) * per]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+
+
+class EvalShardSampler(DistributedSampler):
+    """Unpadded evaluation shard: rank ``r`` takes ``r, r + world_size, ...`` (every sample exactly once).
+
+    Lightning's ``DistributedSampler`` pads a split to a multiple of the world size with duplicates, which
+    biases every validation and test metric; this subclass (so Lightning does not re-wrap it) does not. Ranks
+    may hold one sample (and so one batch) more than others: evaluation steps must not run collectives
+    (metrics reduce their states once per epoch, which handles uneven shards).
+    """
+
+    def __init__(self, n: int, world_size: int = 1, rank: int = 0) -> None:
+        self.indices = shard_indices(int(n), rank, world_size)
+        self.num_replicas, self.rank, self.epoch, self.seed = world_size, rank, 0, 0
+        self.shuffle, self.drop_last = False, False
+        self.num_samples, self.total_size = len(self.indices), int(n)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> list[int]:

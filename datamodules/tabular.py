@@ -235,7 +235,7 @@ class CSVDataModule(TabularDataModule):
         feature_transforms: ``{column: "sqrt"|"log1p"|"log"}`` applied before standardisation
             (COMPAS: ``{Number_of_Priors: sqrt}``).
         drop_conflicting: if set, :func:`drop_conflicting_rows` with this ``delta`` (COMPAS: 0.2).
-        delimiter: field separator.
+        delimiter: field separator, one character (``tab`` or ``\\t`` for a tab, which a command line cannot pass).
         test_fraction, val_fraction, standardize, batch_size, num_workers, pin_memory, seed: see
             :class:`TabularDataModule`.
     """
@@ -280,6 +280,12 @@ class CSVDataModule(TabularDataModule):
         self.missing = missing
         self.feature_transforms = dict(feature_transforms or {})
         self.drop_conflicting = drop_conflicting
+        delimiter = "\t" if delimiter in ("tab", "\\t") else delimiter  # the command line cannot pass a tab
+        if not isinstance(delimiter, str) or len(delimiter) != 1:
+            raise DataError(
+                f"data.delimiter={delimiter!r}: one character, e.g. ',' or ';' ('data.delimiter=\";\"' in a "
+                "shell), or tab"
+            )
         self.delimiter = delimiter
 
     def _read(self) -> tuple[list[str], list[list[str]]]:
@@ -328,10 +334,11 @@ class CSVDataModule(TabularDataModule):
                 continue
             fields = [h.strip() for cell in header for h in cell.split(other)]
             if len(fields) > len(header) and self.target in fields:
-                shown = {"\t": "\\t"}.get(other, other)
+                # as typed in a shell: Hydra needs ; , | quoted, and takes `tab` for a tab
+                typed = "data.delimiter=tab" if other == "\t" else f"'data.delimiter=\"{other}\"'"
                 raise DataError(
-                    f"{self.path} looks separated by {other!r}, not by {self.delimiter!r} (data.delimiter): its header "
-                    f"splits into {fields[:6]}{'...' if len(fields) > 6 else ''}; set data.delimiter='{shown}'"
+                    f"{self.path} looks separated by {other!r}, not by {self.delimiter!r} (data.delimiter): its "
+                    f"header splits into {fields[:6]}{'...' if len(fields) > 6 else ''}; set {typed}"
                 )
 
     def _numeric_column(self, name: str, values: list[str], line_numbers: list[int]) -> np.ndarray | None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+import interpzoo.conf  # noqa: F401  (registers the entry configs' structured schemas)
 from interpzoo.utils import UsageError, did_you_mean
 
 _HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
@@ -205,6 +206,15 @@ def _model_problems(model: DictConfig) -> list[str]:
             problems.append(
                 f"model.backbone.name={name!r} is unknown{did_you_mean(name, list_backbones())}; "
                 f"choose from {list_backbones()}"
+            )
+    from interpzoo.models.optim import _OPTIMIZERS, _SCHEDULERS
+
+    for key, names in (("optimizer", list(_OPTIMIZERS)), ("scheduler", list(_SCHEDULERS))):
+        node = model.get(key) if isinstance(model, DictConfig) else None
+        name = node.get("name") if isinstance(node, DictConfig) else None
+        if name is not None and str(name).lower() not in names:
+            problems.append(
+                f"model.{key}.name={name!r} is unknown{did_you_mean(str(name), names)}; choose one of {names}"
             )
     arch_name = model.get("arch")
     if arch_name is None:

@@ -265,6 +265,8 @@ def _prepare(
 
 def _datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     datamodule = _instantiate(cfg.data, "data", _convert_="all")
+    if cfg.get("seed") is not None and hasattr(datamodule, "shuffle_seed"):
+        datamodule.shuffle_seed = int(cfg.seed)  # the training order follows the run's seed
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
@@ -318,6 +320,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if resumed_config is None:  # a checkpoint without the run's config: compare the module's settings
             check_resume_hparams(str(ckpt_path), module)
     callbacks = [*_instantiate_group(cfg.get("callbacks")), RunConfigInCheckpoint(cfg)]
+    if cfg.get("seed") is not None:
+        from interpzoo.resume import EpochSeeding
+
+        callbacks.append(EpochSeeding(int(cfg.seed)))  # exact resume: random state per (seed, epoch, rank)
     loggers = _instantiate_group(cfg.get("logger"))
     trainer = _trainer(cfg, callbacks, loggers)
     if trainer.is_global_zero:

@@ -2,18 +2,18 @@
 
 Chen, Bei & Rudin, "Concept whitening for interpretable image recognition", *Nature Machine
 Intelligence* 2, 772-782 (2020), arXiv:2002.01650; the reference implementation is
-``IterNormRotation`` in zhiCHEN96/ConceptWhitening. Written from the paper and from
-``shared/specs/concept_whitening.md``; no code is reproduced.
+``IterNormRotation`` in zhiCHEN96/ConceptWhitening. Written from the paper and from a reading of
+that code; no code is reproduced.
 
 The layer maps a feature map ``x`` ``(B, C, H, W)`` to ``z = R W (x - mu)``:
 
 * ``W`` approximates the ZCA whitening matrix ``Sigma^{-1/2}`` by ``T`` trace-normalised
   Newton-Schulz iterations (IterNorm, Huang et al. CVPR 2019): ``P_{k+1} = 1.5 P_k - 0.5 P_k^3 Sigma_N``
-  with ``Sigma_N = Sigma / tr(Sigma)``, ``W = P_T / sqrt(tr Sigma)`` (spec §1.2 steps 1-5);
+  with ``Sigma_N = Sigma / tr(Sigma)``, ``W = P_T / sqrt(tr Sigma)`` (as in ``IterNormRotation``);
 * ``R`` (``running_rot``) is an orthogonal matrix whose row ``j`` is the direction of axis ``j``
   (the paper writes ``z = Q^T x_hat``, so ``Q = R^T``). Axes ``0..K-1`` are tied to the ``K`` concepts;
 * training mode whitens with the batch statistics and keeps exponential moving averages of the mean
-  and of ``W`` (not of the covariance: spec §1.2 step 6); evaluation uses the running statistics.
+  and of ``W`` (not of the covariance, as in the reference code); evaluation uses the running statistics.
 
 Cost (same results as the plain formulation, checked in ``tests/test_speed_guards.py``):
 
@@ -28,7 +28,7 @@ Cost (same results as the plain formulation, checked in ``tests/test_speed_guard
 * evaluation caches ``R W``; the rotation update uses the rank ``<= 2K`` of the skew matrix
   (:func:`cayley_transform_lowrank`, Wen & Yin 2013).
 
-Concept alignment (paper Eq. 3, spec §1.4) maximises ``sum_j mean_{x in X_j} phi(z_j(x))`` over
+Concept alignment (Chen, Bei & Rudin 2020, Eq. 3) maximises ``sum_j mean_{x in X_j} phi(z_j(x))`` over
 orthogonal ``R``. With ``mode = j`` a forward pass of concept-``j`` images writes an exponential
 moving average of ``-d phi(z_j) / d R[j, :]`` into row ``j`` of ``sum_G``; then
 :meth:`ConceptWhitening2d.update_rotation_matrix` takes Cayley-transform steps with a curvilinear
@@ -57,7 +57,7 @@ GRAD_MODES = ("exact", "reference")
 GUARDS = ("fallback", "raise")
 # The reference code's initial counter value: G = sum_G / counter never divides by zero.
 _COUNTER_INIT = 1e-3
-# Divergence test of the Newton-Schulz iteration (spec §1.3). In exact arithmetic every eigenvalue of the
+# Divergence test of the Newton-Schulz iteration (the T trap). In exact arithmetic every eigenvalue of the
 # whitened covariance Y_k = P_k Sigma_N P_k lies in [0, 1]: per eigen-direction y_{k+1} = y_k (1.5 - 0.5 y_k)^2
 # rises monotonically from y_0 = lambda in (0, 1] towards 1, whatever the rank of Sigma (the null directions of
 # a rank-deficient covariance, m = B*H*W < C, just stay near 0). Rounding moves them by ~1e-4 in float32; an
@@ -67,7 +67,7 @@ DIVERGENCE_TOL = 0.05
 
 
 class WhiteningDivergedError(FloatingPointError):
-    """The Newton-Schulz whitening iteration diverged (spec §1.3, the T trap)."""
+    """The Newton-Schulz whitening iteration diverged (the "T trap": :func:`iternorm_whitening_matrix`)."""
 
 
 def _dtype(value: torch.dtype | str) -> torch.dtype:
@@ -160,10 +160,11 @@ class _NewtonSchulz(torch.autograd.Function):
 def newton_schulz_iterates(sigma: Tensor, T: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(P_k, Sigma_N)`` for ``k = 1..T`` of the trace-normalised Newton-Schulz iteration.
 
-    Spec §1.2 steps 3-4 (IterNorm, Huang et al. CVPR 2019, Algorithm 1): ``Sigma_N = Sigma / tr(Sigma)``,
+    IterNorm (Huang et al. CVPR 2019, Algorithm 1), as in the reference code: ``Sigma_N = Sigma / tr(Sigma)``,
     ``P_0 = I``, ``P_{k+1} = 1.5 P_k - 0.5 P_k^3 Sigma_N``. ``P_k / sqrt(tr Sigma)`` approximates
     ``Sigma^{-1/2}``. Differentiable (plain autograd through the unrolled loop; the reference code's
-    hand-written backward agrees with it to 1e-14 in float64, spec §1.2).
+    hand-written backward agrees with it to ~1e-14 in float64; ``tests/test_concept_whitening.py``
+    gradchecks it).
 
     Args:
         sigma: ``(C, C)`` symmetric positive-definite covariance (``eps * I`` already added).
@@ -219,7 +220,7 @@ def whitening_in_bounds(p: Tensor, s_n: Tensor, tol: float = DIVERGENCE_TOL) -> 
 
 _FIX = (
     "The uncoupled iteration amplifies rounding error once converged directions meet an eigenvalue ratio "
-    "above ~2.4 (spec §1.3): keep T=10 or lower it, raise eps, or whiten a layer with more samples per channel "
+    "above ~2.4: keep T=10 or lower it, raise eps, or whiten a layer with more samples per channel "
     "(batch * H * W >> C)."
 )
 
@@ -274,12 +275,13 @@ def _fallback(s_n: Tensor, T: int, guard: str) -> tuple[Tensor, int, str]:
 
 
 def iternorm_whitening_matrix(sigma: Tensor, T: int = 10, guard: str | None = "fallback") -> Tensor:
-    """Whitening matrix ``W ~ Sigma^{-1/2}`` by ``T`` Newton-Schulz iterations (spec §1.2 step 5).
+    """Whitening matrix ``W ~ Sigma^{-1/2}`` by ``T`` Newton-Schulz iterations (IterNorm).
 
     The uncoupled iteration is only conditionally stable: once converged, rounding error between
     eigen-directions with eigenvalue ratio ``r > ~2.4`` grows each step, so a larger ``T`` can
-    *diverge* (spec §1.3). ``guard`` (our addition; the reference code has none) checks the result with
-    :func:`whitening_in_bounds` (a rank-deficient covariance passes it):
+    *diverge* (``test_t_trap_diverges_and_guard_catches_it`` in ``tests/test_concept_whitening.py``:
+    ``T=20`` on a float32 covariance of condition number 10). ``guard`` (our addition; the reference code
+    has none) checks the result with :func:`whitening_in_bounds` (a rank-deficient covariance passes it):
 
     * ``"fallback"``: if it fails, use the iterate ``P_k`` with the smallest ``||P_k Sigma_N P_k - I||_F``
       and warn, naming ``T`` and the eigenvalue range found;
@@ -291,7 +293,7 @@ def iternorm_whitening_matrix(sigma: Tensor, T: int = 10, guard: str | None = "f
 
     Args:
         sigma: ``(C, C)`` covariance including ``eps * I``.
-        T: iterations (the paper's 10: do not raise it to "whiten better", spec §1.3).
+        T: iterations (the paper's 10: do not raise it to "whiten better", a larger ``T`` can diverge).
 
     Returns:
         ``(C, C)`` whitening matrix ``W = P / sqrt(tr Sigma)``.
@@ -422,7 +424,8 @@ def concept_gradient_samples(
 
     ``grad_mode="reference"`` reproduces the reference code, which masks channel ``c`` of ``x_hat``
     with the mask of rotated axis ``c`` instead of axis ``axis``; outside ``mode="mean"`` that row is
-    not the gradient of axis ``axis`` (only its component ``c = axis`` agrees; spec §1.4).
+    not the gradient of axis ``axis`` (only its component ``c = axis`` agrees;
+    ``test_exact_gradient_matches_autograd`` in ``tests/test_concept_whitening.py``).
 
     Args:
         x_hat: ``(B, C, H, W)`` whitened, un-rotated features.
@@ -443,7 +446,7 @@ def concept_gradient_samples(
 
 
 # ---------------------------------------------------------------------------------------------
-# Cayley transform with curvilinear search (Wen & Yin 2013; spec §1.4)
+# Cayley transform with curvilinear search (Wen & Yin 2013), as in the reference code
 # ---------------------------------------------------------------------------------------------
 def cayley_transform(A: Tensor, R: Tensor, tau: float) -> Tensor:
     """``Y(tau) = (I + tau/2 A)^{-1} (I - tau/2 A) R``: orthogonal for every ``tau`` when ``A`` is skew."""
@@ -626,10 +629,10 @@ class ConceptWhitening2d(nn.Module):
         affine: learn a per-axis scale and shift after the rotation (the paper: ``False``).
         track_running_stats: keep running statistics for evaluation (else batch statistics always).
         device, dtype: of the parameters and statistics buffers.
-        T: Newton-Schulz iterations (10; larger can diverge, spec §1.3).
+        T: Newton-Schulz iterations (10; larger can diverge, see :func:`iternorm_whitening_matrix`).
         activation_mode: ``phi`` of an axis: ``mean``, ``max``, ``pos_mean`` or ``pool_max`` (paper).
         grad_mode: ``exact`` (gradient of ``phi(z_j)``) or ``reference`` (the reference code's
-            per-axis mask mixing, spec §1.4).
+            per-axis mask mixing, see :func:`concept_gradient_samples`).
         concept_names: names of the concepts of axes ``0..K-1`` (metadata; ``K <= C``).
         rot_dtype: dtype of ``running_rot``: ``float32`` (orthogonal to ~1e-5 after 1000 updates) or
             ``float64`` (~1e-13).
@@ -701,7 +704,7 @@ class ConceptWhitening2d(nn.Module):
         if affine:
             self.weight = nn.Parameter(torch.ones(c, **kw))
             self.bias = nn.Parameter(torch.zeros(c, **kw))
-        else:  # no unused parameters: DDP would refuse them (spec §1.8)
+        else:  # no unused parameters: DDP's unused-parameter check would fail on them
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         if track_running_stats:
@@ -832,7 +835,7 @@ class ConceptWhitening2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         b, c, h, w = x.shape
-        # The whitening maths is ill-conditioned: always float32 or better, autocast off (ecosystem §4.8).
+        # The whitening maths is ill-conditioned: always float32 or better, autocast off.
         with torch.autocast(device_type=x.device.type, enabled=False):
             cdt = torch.promote_types(x.dtype, torch.float32)
             # (B, C, H*W): a view of a contiguous input. Every product below is a batched product over the
@@ -983,7 +986,7 @@ class ConceptWhitening2d(nn.Module):
         max_tries: int = 500,
         outer_steps: int = 2,
     ) -> float:
-        """Rotate the axes towards the accumulated concept gradients (spec §1.4, Cayley + line search).
+        """Rotate the axes towards the accumulated concept gradients (Cayley + line search, Wen & Yin 2013).
 
         ``G = sum_G / counter`` (rows of axes without concepts are 0), then ``outer_steps`` calls of
         :func:`cayley_curvilinear_step` on ``F(R) = <G, R>``, computed in float64. Afterwards ``counter``

@@ -16,7 +16,7 @@ image. Two pieces make it so:
 
 Everything here is pure PyTorch: wrap or append :class:`InterpretableConv2d` (or
 :class:`PartFilterMask`) on any stage of any CNN and add ``block.filter_loss(...).loss`` to your
-loss. Deviations from the paper and the reference code (``shared/specs/interpretable_cnn.md``) are
+loss. Deviations from the paper and the reference code (zqs1022/interpretableCNN) are
 flagged by ``Deviation`` in the docstrings:
 
 * ``template_scale`` / ``normalize``: with the paper's ``tau = 0.5 / n^2`` the traces
@@ -29,7 +29,7 @@ flagged by ``Deviation`` in the docstrings:
   positives). Passing ``positive`` gives :func:`supervised_filter_terms`: the same posterior
   ``p(T|x)``, with the inter-category entropy replaced by the cross-entropy of ``p(T'|x)`` against
   the label; this is how multi-category filters are tied to their category.
-* the official code's gradient injection (no scalar loss; Sec. 2.2 of the spec) is available as
+* the official code's gradient injection into ``dL/dx`` (no scalar loss is computed) is available as
   :func:`official_filter_grad` behind ``loss_impl="official_grad"``, without the unexplained
   batch/filter flip of its masks (zqs1022/interpretableCNN issue #8).
 
@@ -699,7 +699,7 @@ class PartFilterLoss(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# the official code's gradient injection (spec Sec. 2.2), optional
+# the official code's gradient injection (zqs1022/interpretableCNN), optional
 # ---------------------------------------------------------------------------------------------------
 def _official_strength(
     s: torch.Tensor, member: torch.Tensor, alpha: float, log_z: torch.Tensor

@@ -1,7 +1,7 @@
 """Self-explaining neural networks (SENN): conceptizers, parametrizers, aggregator and losses.
 
 Alvarez-Melis & Jaakkola, "Towards Robust Interpretability with Self-Explaining Neural Networks",
-NeurIPS 2018 (``shared/specs/senn.md``). A SENN predicts with a linear model whose coefficients
+NeurIPS 2018; reference code dmelis/SENN. A SENN predicts with a linear model whose coefficients
 depend on the input,
 
     f(x) = g(theta(x)_1 h(x)_1, ..., theta(x)_k h(x)_k),

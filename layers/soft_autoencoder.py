@@ -1,9 +1,9 @@
 """Soft-thresholding units: the activation of the soft autoencoder.
 
 Fan, Li, Teng, Wang, "Soft Autoencoder and Its Wavelet Adaptation Interpretation", IEEE Trans.
-Computational Imaging 2020 (arXiv 1812.11675). The abstract (the only part verified for this project,
-``shared/specs/soft_autoencoder.md`` §3.1) states that the encoding layers use *adaptable
-soft-thresholding units*; the exact parameterisation below is our design (spec §3.2):
+Computational Imaging 2020 (arXiv 1812.11675). The abstract (the only part verified for this project) states
+that the encoding layers use *adaptable soft-thresholding units*; the exact parameterisation below is
+our design:
 
     S_b(x) = sign(x) · max(|x| − b, 0) = ReLU(x − b) − ReLU(−x − b),     b ≥ 0 per channel,
 
@@ -30,7 +30,7 @@ _SOFTPLUS_ZERO = -1.0e4
 
 
 def soft_threshold(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
-    """``S_b(x) = sign(x) · max(|x| − b, 0)`` (soft shrinkage, spec §3.2).
+    """``S_b(x) = sign(x) · max(|x| − b, 0)`` (soft shrinkage, Donoho 1995).
 
     Args:
         x: any tensor.
@@ -55,7 +55,7 @@ class SoftThreshold(nn.Module):
 
     A drop-in replacement for ``nn.ReLU`` (see
     :func:`models.soft_autoencoder.replace_relu_with_soft_threshold` for swapping it into any network).
-    Put it after a convolution *without* bias: the threshold plays the bias's role (spec §3.2).
+    Put it after a convolution *without* bias: the threshold plays the bias's role.
 
     Args:
         num_channels: number of channels ``C`` (size of dimension ``channel_dim``).

@@ -9,15 +9,17 @@ import torch
 from torch import nn
 
 from interpzoo.layers.normalize import InputNormalize
-from interpzoo.models.backbones import backbone_from_config, list_backbones
+from interpzoo.models.backbones import list_backbones
 from interpzoo.models.explain import ClassifierExplanation, explain_classifier
+from interpzoo.models.input_checks import check_tabular_input
 from interpzoo.models.outputs import ClassifierOutput
 from interpzoo.models.registry import register_architecture, register_model
+from interpzoo.models.trunk import TrunkNet
 
 
 @register_architecture("baseline")
-class BaselineNet(nn.Module):
-    """Backbone trunk, global average pooling, dropout, linear classifier.
+class BaselineNet(TrunkNet):
+    """Backbone trunk, global average pooling, dropout, linear classifier (a :class:`TrunkNet`).
 
     Args:
         num_classes: number of classes ``K``.
@@ -40,18 +42,13 @@ class BaselineNet(nn.Module):
         backbone: dict[str, Any] | str | None = None,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.normalize = InputNormalize(mean, std)
-        self.backbone = backbone_from_config(backbone, in_chans=in_chans)
+        super().__init__(num_classes, in_chans, mean, std, backbone)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.backbone.out_channels, num_classes)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
 
     def forward(self, x: torch.Tensor) -> ClassifierOutput:
-        check_image_input(x, self.in_chans)
-        feats = self.backbone(self.normalize(x))
+        feats = self.features(x)
         logits = self.classifier(self.dropout(self.pool(feats).flatten(1)))
         return ClassifierOutput(logits=logits, features=feats)
 
@@ -89,24 +86,13 @@ class BaselineMLP(nn.Module):
         self.num_features = num_features
 
     def forward(self, x: torch.Tensor) -> ClassifierOutput:
-        if x.dim() != 2 or x.shape[1] != self.num_features:
-            raise ValueError(f"expected tabular input (B, {self.num_features}), got {tuple(x.shape)}")
+        check_tabular_input(x, self.num_features)
         feats = self.body(self.normalize(x))
         return ClassifierOutput(logits=self.classifier(feats), features=feats)
 
     def explain(self, x: torch.Tensor) -> ClassifierExplanation:
         """Logits and probabilities (:mod:`models.explain`)."""
         return explain_classifier(self, x)
-
-
-def check_image_input(x: torch.Tensor, in_chans: int) -> None:
-    """Raise a clear error for inputs that are not ``(B, in_chans, H, W)`` images."""
-    if x.dim() != 4:
-        hint = " (add a batch dimension: x.unsqueeze(0))" if x.dim() == 3 else ""
-        raise ValueError(f"expected an image batch (B, {in_chans}, H, W), got shape {tuple(x.shape)}{hint}")
-    if x.shape[1] != in_chans:
-        hint = " (channels-last? use x.permute(0, 3, 1, 2))" if x.shape[-1] == in_chans else ""
-        raise ValueError(f"expected {in_chans} input channels, got shape {tuple(x.shape)}{hint}")
 
 
 for _bb in list_backbones():

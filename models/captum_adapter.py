@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from interpzoo.models.outputs import ClassifierOutput, ReconstructionOutput
+from interpzoo.models.trunk import TrunkNet
 
 __all__ = ["AE_SCORES", "LogitsModule", "as_logits_module", "default_gradcam_layer", "gradcam_layer"]
 
@@ -85,27 +86,23 @@ def _last_conv(module: nn.Module, prefix: str) -> str:
 def default_gradcam_layer(net: nn.Module) -> str:
     """Dotted name (inside ``net``) of the layer LayerGradCam should read for this architecture.
 
-    * ICNN: the last interpretable layer (its masked output is the part-filter map);
+    * every trunk classifier (:class:`~interpzoo.models.trunk.TrunkNet`: baseline, ProtoPNet, concept
+      whitening, ICNN): its ``gradcam_layer``, the trunk's last stage (``backbone.body.layer4`` for
+      ResNets) or, for ICNN, the last interpretable layer (its masked output is the part-filter map);
     * SENN: the last convolution of the relevance network ``theta`` (the logits are linear in ``h``,
       so ``theta`` carries the image-dependent evidence); tabular SENN has none (error);
     * soft autoencoder: the last encoder stage (its code);
-    * every trunk-based net (baseline, ProtoPNet, concept whitening): the trunk's last stage
-      (``backbone.body.layer4`` for ResNets).
+    * any other module: its last ``Conv2d``.
     """
     if isinstance(net, LogitsModule):
         return "net." + default_gradcam_layer(net.net)
+    if isinstance(net, TrunkNet):
+        return net.gradcam_layer
     kind = type(net).__name__
-    if kind == "ICNNNet":
-        return net._block_paths[-1]
     if kind == "SENN":
         return _last_conv(net.parametrizer, "parametrizer")
     if kind == "SoftAutoencoder":
         return f"backbone.stages.{len(net.backbone.stages) - 1}"
-    body = getattr(getattr(net, "backbone", None), "body", None)
-    if isinstance(body, nn.Module):
-        children = [n for n, _ in body.named_children()]
-        if children:
-            return f"backbone.body.{children[-1]}"
     return _last_conv(net, "")
 
 

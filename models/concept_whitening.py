@@ -32,13 +32,12 @@ from interpzoo.layers.concept_whitening import (
     concept_whitening_layers,
     pool_axes,
 )
-from interpzoo.layers.normalize import InputNormalize
-from interpzoo.models.backbones import backbone_from_config, list_backbones
-from interpzoo.models.baseline import check_image_input
+from interpzoo.models.backbones import list_backbones
 from interpzoo.models.explain import ConceptWhiteningExplanation, explain_concept_whitening
 from interpzoo.models.outputs import ClassifierOutput
 from interpzoo.models.registry import register_architecture, register_model
 from interpzoo.models.surgery import get_submodule, set_submodule
+from interpzoo.models.trunk import TrunkNet
 
 __all__ = [
     "ConceptWhiteningNet",
@@ -263,8 +262,9 @@ class ConceptWhiteningOutput(ClassifierOutput):
 
 
 @register_architecture("cw")
-class ConceptWhiteningNet(nn.Module):
-    """BN backbone with concept whitening in place of BatchNorm(s), global pooling, linear classifier.
+class ConceptWhiteningNet(TrunkNet):
+    """BN backbone with concept whitening in place of BatchNorm(s), global pooling, linear classifier
+    (a :class:`~interpzoo.models.trunk.TrunkNet`).
 
     Args:
         num_classes: classes.
@@ -301,9 +301,7 @@ class ConceptWhiteningNet(nn.Module):
         guard: str = "fallback",
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.normalize = InputNormalize(mean, std)
-        self.backbone = backbone_from_config(backbone, in_chans=in_chans)
+        super().__init__(num_classes, in_chans, mean, std, backbone)
         layers = (
             whitened_layers if whitened_layers is not None else DEFAULT_LAYERS.get(self.backbone.name, [])
         )
@@ -325,8 +323,6 @@ class ConceptWhiteningNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.backbone.out_channels, num_classes)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
 
     # -- access -------------------------------------------------------------------------------------
     def cw_layers(self) -> dict[str, ConceptWhitening2d]:
@@ -340,7 +336,6 @@ class ConceptWhiteningNet(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> ConceptWhiteningOutput:
-        check_image_input(x, self.in_chans)
         captured: dict[str, torch.Tensor] = {}
 
         def keep(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
@@ -348,7 +343,7 @@ class ConceptWhiteningNet(nn.Module):
 
         handle = self.cw_layer.register_forward_hook(keep)
         try:
-            feats = self.backbone(self.normalize(x))
+            feats = self.features(x)  # checks x
         finally:
             handle.remove()
         z = captured["z"]
@@ -362,8 +357,9 @@ class ConceptWhiteningNet(nn.Module):
 
     @torch.no_grad()
     def concept_forward(self, x: torch.Tensor, axis: int) -> None:
-        """One concept batch for axis ``axis`` (see :func:`concept_forward`); put the net in eval mode first."""
-        check_image_input(x, self.in_chans)
+        """One concept batch for axis ``axis`` (see :func:`concept_forward`); put the net in eval mode first.
+
+        ``x`` ``(B, in_chans, H, W)`` in ``[0, 1]`` is checked by :meth:`forward`, which this runs."""
         concept_forward(self, x, axis)
 
     @torch.no_grad()

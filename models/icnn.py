@@ -28,13 +28,12 @@ import torch
 from torch import nn
 
 from interpzoo.layers.icnn import FilterAssignment, InterpretableConv2d
-from interpzoo.layers.normalize import InputNormalize
-from interpzoo.models.backbones import _SPECS, backbone_from_config, list_backbones
-from interpzoo.models.baseline import check_image_input
+from interpzoo.models.backbones import _SPECS, list_backbones
 from interpzoo.models.explain import ICNNExplanation, explain_icnn
 from interpzoo.models.outputs import ClassifierOutput
 from interpzoo.models.registry import register_architecture, register_model
 from interpzoo.models.surgery import get_submodule, set_submodule
+from interpzoo.models.trunk import TrunkNet
 from interpzoo.utils import did_you_mean
 
 
@@ -146,8 +145,9 @@ def default_placement(trunk: nn.Module, backbone_name: str) -> str:
 
 
 @register_architecture("icnn")
-class ICNNNet(nn.Module):
-    """Backbone with interpretable part-filter layers, GAP and a linear classifier (paper Fig. 2).
+class ICNNNet(TrunkNet):
+    """Backbone with interpretable part-filter layers, GAP and a linear classifier (paper Fig. 2); a
+    :class:`~interpzoo.models.trunk.TrunkNet` whose trunk holds the part filters.
 
     Args:
         num_classes: classes ``K`` (2 in the single-category setting).
@@ -188,11 +188,9 @@ class ICNNNet(nn.Module):
         assignment: str = "dynamic",
         target_class: int = 1,
     ) -> None:
-        super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        self.normalize = InputNormalize(mean, std)
-        self.backbone = backbone_from_config(backbone, in_chans=in_chans)
+        super().__init__(num_classes, in_chans, mean, std, backbone)
         body = self.backbone.body
         if placement == "auto":
             placement = default_placement(self.backbone, self.backbone.name)
@@ -220,7 +218,6 @@ class ICNNNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.backbone.out_channels, num_classes)
-        self.num_classes, self.in_chans = num_classes, in_chans
         # Which category each filter serves: buffers, so a bundle keeps what its filters mean.
         self.assignments = nn.ModuleDict()
         for k in range(num_layers):
@@ -231,6 +228,11 @@ class ICNNNet(nn.Module):
             self.assignments[f"icnn{k + 1}"] = FilterAssignment(
                 channels, num_classes, assignment, target_class
             )
+
+    @property
+    def gradcam_layer(self) -> str:
+        """The last interpretable layer (its masked output is the part-filter map Grad-CAM should read)."""
+        return self._block_paths[-1]
 
     def blocks(self) -> dict[str, InterpretableConv2d]:
         """The interpretable layers by name (``icnn1``, ...)."""
@@ -245,8 +247,7 @@ class ICNNNet(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> ICNNOutput:
-        check_image_input(x, self.in_chans)
-        feats = self.backbone(self.normalize(x))
+        feats = self.features(x)
         part_features: dict[str, torch.Tensor] = {}
         part_masks: dict[str, torch.Tensor] = {}
         masked = None

@@ -1,7 +1,7 @@
 """Typed network outputs.
 
 Every interpzoo network returns a dataclass instead of a bare tensor so that losses, metrics and
-explanations read named fields and never re-run the network (``ARCHITECTURE.md``, contracts).
+explanations read named fields and never re-run the network.
 Methods subclass :class:`ClassifierOutput` and add their explanation tensors.
 """
 

@@ -25,13 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from interpzoo.layers.normalize import InputNormalize
 from interpzoo.layers.protopnet import PrototypeLayer, upsample_maps
-from interpzoo.models.backbones import backbone_from_config, list_backbones
-from interpzoo.models.baseline import check_image_input
+from interpzoo.models.backbones import list_backbones
 from interpzoo.models.explain import Explanation, draw_prototype_explanation
 from interpzoo.models.outputs import ClassifierOutput
 from interpzoo.models.registry import register_architecture, register_model
+from interpzoo.models.trunk import TrunkNet
 
 __all__ = [
     "ProtoPNet",
@@ -180,8 +179,8 @@ def _add_on_layers(kind: str, in_channels: int, dim: int) -> nn.Sequential:
 
 
 @register_architecture("protopnet")
-class ProtoPNet(nn.Module):
-    """ProtoPNet: backbone + add-on + prototype layer + last layer.
+class ProtoPNet(TrunkNet):
+    """ProtoPNet: backbone + add-on + prototype layer + last layer (a :class:`~interpzoo.models.trunk.TrunkNet`).
 
     Args:
         num_classes: ``K``.
@@ -221,12 +220,8 @@ class ProtoPNet(nn.Module):
         prototype_classes: Sequence[int] | None = None,
         image_size: Sequence[int] | None = None,
     ) -> None:
-        super().__init__()
-        self.num_classes = int(num_classes)
-        self.in_chans = int(in_chans)
+        super().__init__(num_classes, in_chans, mean, std, backbone)
         self.image_size = None if image_size is None else [int(v) for v in image_size]
-        self.normalize = InputNormalize(mean, std)
-        self.backbone = backbone_from_config(backbone, in_chans=in_chans)
         self.add_on = _add_on_layers(add_on, self.backbone.out_channels, prototype_dim)
         self.prototype_layer = PrototypeLayer(
             num_classes,
@@ -279,12 +274,14 @@ class ProtoPNet(nn.Module):
         active = self.prototype_mask > 0
         return bool((self.push_source_index[active] >= 0).all())
 
-    # -- forward ------------------------------------------------------------------------------
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` backbone features of ``[0, 1]`` images."""
-        check_image_input(x, self.in_chans)
-        return self.backbone(self.normalize(x))
+    @property
+    def min_input_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the smallest image whose latent grid holds one prototype (``stride * prototype_hw``)."""
+        s = int(self.backbone.stride)
+        ph, pw = self.prototype_layer.hw
+        return s * int(ph), s * int(pw)
 
+    # -- forward ------------------------------------------------------------------------------
     def latent(self, f: torch.Tensor) -> torch.Tensor:
         """``(B, D, H, W)`` add-on output ``z`` in ``[0, 1]``."""
         return self.add_on(f)

@@ -38,6 +38,7 @@ from interpzoo.layers.senn import (
 )
 from interpzoo.models.backbones import backbone_from_config, list_backbones
 from interpzoo.models.explain import SENNExplanation
+from interpzoo.models.input_checks import check_image_input, check_tabular_input
 from interpzoo.models.outputs import ClassifierOutput
 from interpzoo.models.registry import register_architecture, register_model
 from interpzoo.models.surgery import find_modules, replace_modules
@@ -266,18 +267,26 @@ class SENN(nn.Module):
         return self
 
     # -- forward ---------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        if tuple(x.shape[1:]) == self.input_shape:
-            return
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ``ValueError`` naming the problem and its fix unless ``x`` is a finite float
+        ``(B, F)`` table, or a ``(B, *input_shape)`` image batch in about ``[0, 1]``
+        (:mod:`interpzoo.models.input_checks`)."""
         if self.tabular:
-            raise ValueError(f"expected tabular input (B, {self.input_shape[0]}), got shape {tuple(x.shape)}")
-        hint = " (add a batch dimension: x.unsqueeze(0))" if tuple(x.shape) == self.input_shape else ""
-        raise ValueError(
-            f"expected images (B, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}{hint}"
-        )
+            check_tabular_input(x, self.input_shape[0])
+            return
+        if tuple(x.shape[1:]) != self.input_shape:
+            if x.dim() == 4 and x.shape[1] != self.in_chans:  # channel messages (channels-last hint)
+                check_image_input(x, self.in_chans, max_value=None)
+            hint = " (add a batch dimension: x.unsqueeze(0))" if tuple(x.shape) == self.input_shape else ""
+            raise ValueError(
+                f"expected images (B, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}{hint}; "
+                f"this SENN was built for image_size={list(self.input_shape[1:])}: resize the images or "
+                f"build it for their size"
+            )
+        check_image_input(x, self.in_chans)
 
     def forward(self, x: torch.Tensor) -> SENNOutput:
-        self._check_input(x)
+        self.check_input(x)
         z = self.normalize(x)
         concepts, recon = self.conceptizer(z)
         theta = self.parametrizer(z)

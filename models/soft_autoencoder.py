@@ -36,13 +36,16 @@ from torch import nn
 
 from interpzoo.layers.normalize import InputNormalize
 from interpzoo.layers.soft_autoencoder import THRESHOLD_PARAMS, SoftThreshold
-from interpzoo.models.baseline import check_image_input
 from interpzoo.models.explain import SoftAEExplanation, explain_soft_autoencoder
+from interpzoo.models.input_checks import check_image_input
 from interpzoo.models.outputs import ReconstructionOutput
 from interpzoo.models.registry import register_architecture, register_model
 from interpzoo.models.surgery import replace_modules
 
 ACTIVATIONS = ("soft", "relu", "linear")
+# The autoencoder denoises: its inputs are [0, 1] images plus noise, so the value check is lenient
+# (0-255 images are still refused; a clean image plus noise of std 0.5 stays far below it).
+NOISY_MAX_VALUE = 4.0
 
 
 class EncoderOutput(NamedTuple):
@@ -243,8 +246,14 @@ class SoftAutoencoder(nn.Module):
         w = stage.conv.weight.detach() / self.normalize.std.view(1, -1, 1, 1).to(stage.conv.weight.dtype)
         return stage.act.threshold.detach() / w.flatten(1).norm(dim=1).clamp(min=1e-12)
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ``ValueError`` naming the problem and its fix unless ``x`` is a finite float
+        ``(B, in_chans, H, W)`` batch of (possibly noisy) ``[0, 1]`` images, values within
+        ``[-3, NOISY_MAX_VALUE]`` (:func:`~interpzoo.models.input_checks.check_image_input`)."""
+        check_image_input(x, self.in_chans, max_value=NOISY_MAX_VALUE)
+
     def forward(self, x: torch.Tensor) -> ReconstructionOutput:
-        check_image_input(x, self.in_chans)
+        self.check_input(x)
         h = self.normalize(x)
         height, width = h.shape[-2:]
         # Pad to a multiple of the total stride so no row/column falls off a strided stage (a k=2, s=2

@@ -12,6 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+import interpzoo.conf  # noqa: F401  (registers the entry configs' structured schemas)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")  # the same folder as interpzoo.cli.CONF_DIR in an editable install
 

@@ -1,4 +1,4 @@
-"""Concept whitening layer: the spec's deterministic tests 1-10 (``shared/specs/concept_whitening.md``).
+"""Concept whitening layer: deterministic tests 1-10 of ``layers/concept_whitening.py``.
 
 Each test checks the layer against an independent computation: eigendecomposition, autograd,
 finite differences (gradcheck), brute-force loops, or the single-process result (DDP).
@@ -229,8 +229,8 @@ def test_alignment_on_synthetic_concepts(mode: str, updates: int) -> None:
 
 
 def test_reference_gradient_aligns_worse_with_pool_max() -> None:
-    # Documents the consequence of the reference code's mask mixing (spec §1.4): measured cos ~0.65-0.69
-    # after 40 updates where the exact gradient reaches > 0.95.
+    # Documents the consequence of the reference code's mask mixing (``concept_gradient_samples``):
+    # measured cos ~0.65-0.69 after 40 updates where the exact gradient reaches > 0.95.
     _, coss = _align_synthetic("pool_max", "reference", 40)
     assert max(coss) < 0.8, coss
 
@@ -311,7 +311,7 @@ def test_exact_gradient_matches_autograd(mode: str) -> None:
     else:
         brute = _reference_rows(x, z.detach(), mode)
         assert torch.allclose(ref, brute, atol=1e-10)
-        # the discrepancy of spec §1.4: only component j agrees with the exact row
+        # the reference code's mask mixing: only component j agrees with the exact row
         assert torch.allclose(ref.mean(0)[j], -cw.sum_G[j, j], atol=1e-10)
         assert (ref.mean(0) + cw.sum_G[j]).abs().max() > 1e-3
 

@@ -102,7 +102,7 @@ def test_mask_peak_support_and_official_row() -> None:
         ii, jj = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
         far = (ii - i).abs() + (jj - j).abs() >= n / beta
         assert torch.all(masked[:, c][:, far] == 0)  # zero outside the L1 radius n / beta
-    # the reference code's mask (coordinates linspace(-1, 1, n), a_f = 2): centre row of spec [NUM]
+    # the reference code's mask (coordinates linspace(-1, 1, n), a_f = 2): its centre row for n = 7
     off = part_mask(x[:, 1:2], 2.0, style="official")[0, 0, 3]
     assert torch.allclose(off, torch.tensor([-1, -1 / 3, 1 / 3, 1, 1 / 3, -1 / 3, -1]), atol=1e-6)
     x14 = torch.zeros(1, 1, 14, 14)
@@ -194,7 +194,7 @@ def _ideal_and_diffuse(n: int = 7, b: int = 32, c: int = 4, height: float = 50.0
 def test_ideal_batch_has_lower_loss_than_diffuse() -> None:
     ideal, diffuse, positive = _ideal_and_diffuse()
     lo, hi = filter_loss(ideal), filter_loss(diffuse)
-    assert float(lo.loss) < float(hi.loss) < 0  # paper scale: tiny values (spec measured -0.0166 vs -0.0098)
+    assert float(lo.loss) < float(hi.loss) < 0  # paper scale: tiny values (measured -0.0166 vs -0.0098)
     assert float(lo.loss) == pytest.approx(-0.0166, abs=0.003)
     lo, hi = filter_loss(ideal, template_scale=100), filter_loss(diffuse, template_scale=100)
     assert float(lo.loss) < float(hi.loss) - 0.5  # with a template scale the gap is large

@@ -1,4 +1,4 @@
-"""ProtoPNet: layer, losses, push, pruning, phases, metrics and runs (``shared/specs/protopnet.md`` §1.11).
+"""ProtoPNet (Chen et al. 2019): layer, losses, push, pruning, phases, metrics and runs.
 
 Every test compares with an independent computation: ``torch.cdist`` / ``unfold`` brute force,
 Python loops, hand-computed values, or the single-process result (DDP).

@@ -1,5 +1,6 @@
 """SENN: robustness loss (cheap form == full Jacobian == per-sample brute force), faithfulness,
-local Lipschitz, BatchNorm guard, networks, and runs through the real configs (spec senn.md §3.9)."""
+local Lipschitz, BatchNorm guard, networks, and runs through the real configs
+(``conf/experiment/senn_*.yaml``)."""
 
 from __future__ import annotations
 

@@ -111,7 +111,8 @@ def test_guard_fires_once_with_the_layer_name_on_a_diverging_iteration() -> None
     xc = _pixels(x).double()
     xc = xc - xc.mean(1, keepdim=True)
     sigma = xc @ xc.T / xc.shape[1] + 1e-5 * torch.eye(d, dtype=torch.float64)
-    # T = 20 makes the uncoupled iteration diverge (spec §1.3): eigenvalues of P Sigma_N P leave [0, 1]
+    # T = 20 makes the uncoupled iteration diverge (the "T trap", see iternorm_whitening_matrix):
+    # eigenvalues of P Sigma_N P leave [0, 1]
     p20 = iternorm_whitening_matrix(sigma.float(), T=20, guard=None) * sigma.float().diagonal().sum().sqrt()
     sn = (sigma / sigma.diagonal().sum()).float()
     assert not bool(whitening_in_bounds(p20, sn))
