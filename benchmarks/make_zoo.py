@@ -35,7 +35,7 @@ TABLE_END = "<!-- zoo-table-end -->"
 COMMON = ["logger=csv", "report=false", "~callbacks.intrinsic_dim"]
 # Small PartShapes splits: enough to learn the 10 classes on a narrow resnet18s in a minute.
 PS_SMALL = ["data.n_train=2000", "data.n_val=200", "data.n_test=400", "data.batch_size=50"]
-NARROW = ["backbone=resnet18s", "model.backbone.width=8"]
+NARROW = ["backbone=resnet18s", "model.net.backbone.width=8"]
 
 
 def _recipes() -> dict[str, list[str]]:
@@ -47,8 +47,8 @@ def _recipes() -> dict[str, list[str]]:
             *NARROW,
             "data=partshapes",
             *PS_SMALL,
-            "model.model_args.prototypes_per_class=2",
-            "model.model_args.prototype_dim=32",
+            "model.net.prototypes_per_class=2",
+            "model.net.prototype_dim=32",
             "model.metrics.stability=false",
             "trainer.max_epochs=8",
             f"seed={s}",
@@ -83,7 +83,7 @@ def _recipes() -> dict[str, list[str]]:
         "data.grayscale=true",
         "data.noise_std=0",
         *PS_SMALL,
-        "model.model_args.widths=[8,16]",
+        "model.net.widths=[8,16]",
         "trainer.max_epochs=3",
         "seed=0",
     ]

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import logging
 import os
 import platform
 import statistics
@@ -379,7 +380,7 @@ def methods_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
 
     # ICNN: mask + filter loss vs the same network with its extra conv layer
     icnn = build_module("icnn", info, bb, args)
-    same = build_module("icnn", info, [*bb, "model.model_args.use_mask=false", "model.lambda_filter=0"], args)
+    same = build_module("icnn", info, [*bb, "model.net.use_mask=false", "model.lambda_filter=0"], args)
     row = run("icnn", "same net + extra conv, no mask/loss", {"m": icnn, "p": same}, batch, b)
     row.pop("_t")
     rows.append(row)
@@ -655,6 +656,10 @@ def main() -> None:
         if args.compile:
             print("--compile is for GPU runs; timing eager networks on CPU")
             args.compile = False
+    import pytorch_lightning  # noqa: F401 - sets its loggers' levels on import; then quiet them
+
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):  # idle Trainers: no banners
+        logging.getLogger(name).setLevel(logging.ERROR)
     torch.manual_seed(0)
     mach = machine(args)
     print(mach, flush=True)

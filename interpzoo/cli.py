@@ -112,12 +112,11 @@ def _eval(cfg: DictConfig) -> None:
 
 
 def _preflight(config_name: str) -> None:
-    from interpzoo.preflight import check_command_line, check_run
+    from interpzoo.preflight import check_run
 
     # conf/hydra/launcher/submitit_*.yaml extend the submitit plugin's schema of the same name on purpose
     warnings.filterwarnings("ignore", message=r"(?s).*'hydra/launcher/submitit_\w+' is validated against")
     try:
-        check_command_line(CONF_DIR, config_name, sys.argv[1:])
         check_run(CONF_DIR, config_name, sys.argv[1:], entry=config_name)
     except UsageError as e:
         exit_with(e)

@@ -39,6 +39,26 @@ class ConfigError(UsageError, ValueError):
     """The composed config has problems; the message lists each with its fix."""
 
 
+# model.* keys of interpzoo 0.1 (before the LightningModules took the network config as one argument, net)
+_RENAMED_MODEL_KEYS = {"arch": "net.name", "model_args": "net", "backbone": "net.backbone"}
+
+
+def renamed_key(key: str) -> str | None:
+    """The current spelling of an old dotted key (``model.model_args.X`` -> ``model.net.X``, ``model.arch`` ->
+    ``model.net.name``, ``model.backbone.X`` -> ``model.net.backbone.X``), or ``None`` if it is not an old one."""
+    parts = key.split(".")
+    if len(parts) >= 2 and parts[0] == "model" and parts[1] in _RENAMED_MODEL_KEYS:
+        return ".".join(["model", _RENAMED_MODEL_KEYS[parts[1]], *parts[2:]])
+    return None
+
+
+def _renamed_message(key: str, new: str) -> str:
+    return (
+        f"{key} was renamed to {new}: the network settings are one argument now, "
+        "model.net: {name: <model name>, <constructor arguments>, backbone: {...}}"
+    )
+
+
 def import_target(target: str) -> Any:
     """Import ``"pkg.module.Name"``; errors name the closest existing module attribute."""
     mod_name, _, attr = target.rpartition(".")
@@ -147,7 +167,10 @@ def _signature_problems(path: str, node: DictConfig, target: Any) -> list[str]:
         if key in _HYDRA_KEYS:
             continue
         if key not in params:
-            if not accepts_any:
+            new = renamed_key(f"{path}.{key}")
+            if new and not accepts_any:
+                problems.append(_renamed_message(f"{path}.{key}", new))
+            elif not accepts_any:
                 problems.append(
                     f"{path}.{key}: {_target_name(node)} has no argument {key!r}{did_you_mean(key, params)}"
                 )
@@ -189,22 +212,30 @@ def _target_name(node: DictConfig) -> str:
 
 
 def _model_problems(model: DictConfig) -> list[str]:
+    """``model.net``: the registry name, its keys against the architecture's constructor, the backbone's keys;
+    the optimizer and scheduler names."""
     from interpzoo.models.backbones import build_backbone, list_backbones
-    from interpzoo.models.registry import _ARCHITECTURES, resolve_model_name
+    from interpzoo.models.registry import architecture_parameters, resolve_model_name
 
     problems: list[str] = []
-    backbone = model.get("backbone")
-    if backbone is not None:
+    net = model.get("net")
+    if net is not None and not isinstance(net, DictConfig):
+        problems.append(
+            f"model.net={net!r}: must be a mapping {{name: <model name>, <constructor arguments>}}"
+        )
+        net = None
+    backbone = net.get("backbone") if net is not None else None
+    if isinstance(backbone, DictConfig):
         bparams = inspect.signature(build_backbone).parameters
         for key in backbone:
             if key not in bparams or key == "in_chans":
                 problems.append(
-                    f"model.backbone.{key}: backbones take no {key!r}{did_you_mean(key, bparams)}"
+                    f"model.net.backbone.{key}: backbones take no {key!r}{did_you_mean(key, bparams)}"
                 )
         name = backbone.get("name")
         if name is not None and name not in list_backbones():
             problems.append(
-                f"model.backbone.name={name!r} is unknown{did_you_mean(name, list_backbones())}; "
+                f"model.net.backbone.name={name!r} is unknown{did_you_mean(name, list_backbones())}; "
                 f"choose from {list_backbones()}"
             )
     from interpzoo.models.optim import _OPTIMIZERS, _SCHEDULERS
@@ -216,20 +247,28 @@ def _model_problems(model: DictConfig) -> list[str]:
             problems.append(
                 f"model.{key}.name={name!r} is unknown{did_you_mean(str(name), names)}; choose one of {names}"
             )
-    arch_name = model.get("arch")
-    if arch_name is None:
+    if net is None:
+        return problems
+    net_name = net.get("name")
+    if net_name is None and "_target_" in model:  # the LightningModule's default network
+        with contextlib.suppress(ConfigError):
+            net_name = getattr(import_target(str(model._get_node("_target_")._value())), "default_net", None)
+    if net_name is None:
         return problems
     try:
-        arch, _ = resolve_model_name(str(arch_name))
+        arch, _ = resolve_model_name(str(net_name))
     except KeyError as e:
-        return [*problems, f"model.arch: {e.args[0]}"]
-    params = inspect.signature(_ARCHITECTURES[arch]).parameters
+        return [*problems, f"model.net.name: {e.args[0]}"]
+    params = architecture_parameters(arch)
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for key in model.get("model_args") or {}:
-        if key not in params and not accepts_any:
-            problems.append(
-                f"model.model_args.{key}: architecture {arch!r} has no argument {key!r}{did_you_mean(key, params)}"
-            )
+    for key in net:
+        # name is the registry name; backbone= composes into every model, trunk-less architectures ignore it
+        if key in ("name", "backbone") or key in params or accepts_any:
+            continue
+        problems.append(
+            f"model.net.{key}: architecture {arch!r} (model.net.name={net_name}) has no argument {key!r}"
+            f"{did_you_mean(str(key), params)}"
+        )
     return problems
 
 
@@ -267,6 +306,10 @@ _DATA_COUNTS = {
 # data.<key> -> (low, high, low included): fractions of a split
 _DATA_FRACTIONS = {"val_fraction": (0.0, 1.0, True), "test_fraction": (0.0, 1.0, False)}
 EVAL_SPLITS = ("val", "test")
+EVAL_NEEDS_CKPT = (
+    "eval needs ckpt_path=<a .ckpt file or a bundle folder>, e.g. "
+    "python eval.py ckpt_path=logs/train/runs/<run>/bundle"
+)
 # files and folders of a finished (or started) run: a new run into that folder would replace them
 RUN_RESULTS = ("metrics.json", "config.yaml", "bundle", "checkpoints")
 
@@ -394,7 +437,7 @@ def _checkpoint_path_problems(cfg: DictConfig, entry: str | None) -> list[str]:
                     f"ckpt_path={value} is a folder but not a model bundle (it has no {' and no '.join(missing)}); "
                     "give a .ckpt file or a bundle folder (<run>/bundle)"
                 ]
-            return []
+            return _bundle_config_problems(path / "config.json")
         hint = (
             " (it is a bundle: evaluate it with `python eval.py ckpt_path=...`)"
             if (path / "config.json").is_file()
@@ -404,6 +447,47 @@ def _checkpoint_path_problems(cfg: DictConfig, entry: str | None) -> list[str]:
             f"ckpt_path={value} is a folder{hint}; a run resumes from a Lightning checkpoint file, "
             "e.g. ckpt_path=<run>/checkpoints/last.ckpt"
         ]
+    return _checkpoint_file_problems(path)
+
+
+def _checkpoint_file_problems(path: Path) -> list[str]:
+    """A file that cannot be a checkpoint at all: torch.save writes a zip archive (its directory at the end).
+
+    The same check as :func:`interpzoo.models.checkpoint.read_checkpoint`, without importing torch; legacy
+    (non-zip) PyTorch files, which start with a pickle opcode, are left to it.
+    """
+    import zipfile
+
+    with path.open("rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":
+        return []
+    what = "truncated or damaged" if head == b"PK\x03\x04" else "not a PyTorch checkpoint"
+    return [
+        f"{path} cannot be read: it is {what}. Use another checkpoint of the run "
+        "(<run>/checkpoints/last.ckpt or epoch_*.ckpt), or train again."
+    ]
+
+
+def _bundle_config_problems(file: Path) -> list[str]:
+    """A bundle's ``config.json`` that is not a JSON object (as :func:`interpzoo.models.bundle.read_bundle_config`)."""
+    import json
+
+    reexport = (
+        "export the bundle again (python train.py ... writes <run>/bundle; interpzoo.save_pretrained(net, "
+        "folder) from Python) or copy the folder again"
+    )
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        return [f"{file} is not text (not UTF-8 JSON); the bundle is damaged: {reexport}"]
+    except json.JSONDecodeError as e:
+        return [
+            f"{file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); the bundle is damaged "
+            f"or was edited: fix the file, or {reexport}"
+        ]
+    if not isinstance(config, dict):
+        return [f"{file} holds a JSON {type(config).__name__}, not an object: {reexport}"]
     return []
 
 
@@ -416,12 +500,10 @@ def value_problems(cfg: DictConfig, entry: str | None = None) -> list[str]:
     """
     problems: list[str] = []
     for problem in _missing_problems(cfg):
-        if problem.startswith("ckpt_path "):
-            problem = (
-                "eval needs ckpt_path=<a .ckpt file or a bundle folder>, e.g. "
-                "python eval.py ckpt_path=logs/train/runs/<run>/bundle"
-            )
-        problems.append(problem)
+        problems.append(EVAL_NEEDS_CKPT if problem.startswith("ckpt_path ") else problem)
+    has_ckpt = "ckpt_path" in cfg.keys() and bool(_resolved(cfg, "ckpt_path")[1])  # noqa: SIM118 - ??? too
+    if entry == "eval" and EVAL_NEEDS_CKPT not in problems and not has_ckpt:
+        problems.append(EVAL_NEEDS_CKPT)
     if isinstance(cfg.get("model"), DictConfig):
         problems += _optimizer_problems(cfg.model, "model")
     if isinstance(cfg.get("data"), DictConfig):
@@ -602,6 +684,10 @@ def check_override_keys(
     if problems:
         raise ConfigError("missing plugin:\n  - " + "\n  - ".join(problems))
     for o, key in plain:
+        new = renamed_key(key)
+        if new is not None:
+            problems.append(f"override {o!r}: {_renamed_message(key, new)}; write {o.replace(key, new, 1)!r}")
+            continue
         node: Any = cfg
         walked: list[str] = []
         for part in key.split("."):
@@ -685,13 +771,27 @@ def _missing_option(e: Exception) -> ConfigError:
     )
 
 
-def check_run(config_dir: str, config_name: str, argv: list[str], entry: str | None = None) -> None:
-    """Before Hydra starts a single run: the composed config's values and the run folder.
+def _schema_error(e: Exception) -> ConfigError | None:
+    """A command-line value of the wrong type for the entry config's schema, as one line (or ``None``)."""
+    from omegaconf.errors import ValidationError
 
-    Composes the whole command line (not for ``-m`` or a config that sets ``hydra.mode: MULTIRUN``; their jobs
-    are checked inside the job, see :mod:`interpzoo.cli`), then raises :class:`ConfigError` for a config group
-    option that does not exist, for :func:`value_problems` and for :func:`run_folder_problems` of
-    ``hydra.run.dir``, so that nothing is created or replaced. Anything else Hydra reports itself.
+    cause = e.__cause__
+    if not isinstance(cause, ValidationError):
+        return None
+    override = str(e).removeprefix("Error merging override ").strip()
+    reason = str(getattr(cause, "msg", cause)).strip().splitlines()[0]
+    return ConfigError(f"invalid override: {override}: {reason}")
+
+
+def check_run(config_dir: str, config_name: str, argv: list[str], entry: str | None = None) -> None:
+    """The pre-flight of a command line, before Hydra starts: keys, values and the run folder.
+
+    Composes the whole command line once and raises :class:`ConfigError` for a config group option that
+    does not exist (did-you-mean), a value of the wrong type, :func:`value_problems` and
+    :func:`run_folder_problems` of ``hydra.run.dir``, so that nothing is created or replaced. A command line
+    that does not compose (a mistyped key, ...) goes to :func:`check_command_line` for its did-you-mean.
+    ``-m`` (or a config with ``hydra.mode: MULTIRUN``), ``--cfg``, ``--help`` and the like get the key check
+    only: their jobs are checked inside each job (:mod:`interpzoo.cli`). Anything else Hydra reports itself.
     """
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
@@ -699,20 +799,33 @@ def check_run(config_dir: str, config_name: str, argv: list[str], entry: str | N
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import MissingConfigException
 
+    from interpzoo.sweeps import missing_plugins
+
     if "--version" in argv:
         return
     try:
         args, _ = get_args_parser().parse_known_args(argv)
-    except SystemExit:
+    except SystemExit:  # argparse's own usage error; Hydra prints it again with its usage line
         return
-    if args.config_path is not None or args.shell_completion or args.help or args.hydra_help or args.info:
-        return  # nothing runs, or Hydra looks elsewhere for the config
-    if args.cfg is not None or args.multirun or args.experimental_rerun is not None:
-        return
-    search = [f"file://{Path(args.config_dir).resolve()}"] if args.config_dir else []
+    single = not (
+        args.config_path is not None
+        or args.shell_completion
+        or args.help
+        or args.hydra_help
+        or args.info
+        or args.cfg is not None
+        or args.multirun
+        or args.experimental_rerun is not None
+    )
     overrides = list(args.overrides)
-    if search:
-        overrides.append("hydra.searchpath=[" + ",".join(search) + "]")
+    if args.config_dir is not None:
+        if any(o.startswith("hydra.searchpath") for o in overrides):
+            single = False  # two search paths to merge: leave it to check_command_line and Hydra
+        overrides.append(f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]")
+    problems = missing_plugins(list(args.overrides))
+    if not single or problems or (args.config_dir is not None and not Path(args.config_dir).is_dir()):
+        check_command_line(config_dir, config_name, argv)
+        return
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
@@ -721,10 +834,17 @@ def check_run(config_dir: str, config_name: str, argv: list[str], entry: str | N
             )
     except MissingConfigException as e:
         raise _missing_option(e) from None
-    except Exception:  # noqa: BLE001 - sweeps, syntax errors...: Hydra reports them with its own message
+    except Exception as e:  # noqa: BLE001 - Hydra reports what is not ours to explain, with its own message
+        schema = _schema_error(e)
+        if schema is not None:
+            raise schema from None
+        check_command_line(config_dir, config_name, argv)  # a mistyped key: did-you-mean
         return
     finally:
         GlobalHydra.instance().clear()
+    problems = missing_plugins([], composed=cfg)
+    if problems:
+        raise ConfigError("missing plugin:\n  - " + "\n  - ".join(problems))
     if str(cfg.hydra.get("mode") or "") == "MULTIRUN":
         return
     check_values(cfg, entry)

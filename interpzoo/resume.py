@@ -32,7 +32,9 @@ __all__ = ["EpochSeeding", "epoch_seed", "seed_epoch"]
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """A 63-bit seed derived from ``(seed, epoch, rank)`` (numpy ``SeedSequence``: well mixed, stable)."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(rank)]).generate_state(2, np.uint32)
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(rank)]).generate_state(
+        2, np.uint32
+    )
     return (int(state[0]) << 31 | int(state[1]) >> 1) & ((1 << 63) - 1)
 
 

@@ -30,8 +30,8 @@ from interpzoo.models.checkpoint import (
     module_class,
     read_checkpoint,
 )
-from interpzoo.models.registry import resolve_task, task_name
-from interpzoo.preflight import EVAL_SPLITS, ConfigError, validate_config
+from interpzoo.models.registry import resolve_task, task_name, upgrade_hparams
+from interpzoo.preflight import EVAL_NEEDS_CKPT, EVAL_SPLITS, ConfigError, validate_config
 from interpzoo.utils import UsageError, atomic_write_text, did_you_mean
 
 log_print = rank_zero_only(print)
@@ -207,13 +207,16 @@ def check_resume_config(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | Non
     if not isinstance(saved, dict):
         return None
     current = _run_config(cfg)
+    saved = dict(saved)
+    if isinstance(saved.get("model"), dict):  # written before model.net: arch/model_args/backbone
+        saved["model"] = upgrade_hparams(saved["model"])
     _resume_report(ckpt_path, _differences({k: saved.get(k) for k in current}, current))
     return saved
 
 
 def check_resume_hparams(ckpt_path: str, module: pl.LightningModule) -> None:
     """:func:`check_resume_config` for a checkpoint without the run's config: its module settings."""
-    saved = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
+    saved = upgrade_hparams(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
     own = dict(module.hparams)
     changes = []
     for key, old, new in _differences(dict(saved), own):
@@ -486,7 +489,7 @@ def _build_module(cls: type, hparams: Any, where: str | Path) -> pl.LightningMod
     if not isinstance(hparams, dict):
         raise error(f"{where} has no model settings (hyper-parameters); it was not written by interpzoo")
     try:
-        return cls(**hparams)
+        return cls(**upgrade_hparams(hparams))
     except (KeyError, TypeError, ValueError) as e:
         raise error(
             f"{where}: its model settings do not build a {cls.__name__} ({type(e).__name__}: "
@@ -497,7 +500,7 @@ def _build_module(cls: type, hparams: Any, where: str | Path) -> pl.LightningMod
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate ``cfg.ckpt_path`` (checkpoint or bundle folder) on the configured datamodule's test split."""
     if "ckpt_path" not in cfg or OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
-        raise ConfigError("eval needs ckpt_path=<path to a .ckpt file or a bundle folder>")
+        raise ConfigError(EVAL_NEEDS_CKPT)
     split = cfg.get("split", "test")
     if split not in EVAL_SPLITS:
         raise ConfigError(

@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from interpzoo.models.registry import resolve_task, task_class
+from interpzoo.models.registry import (
+    build_model,
+    check_architecture,
+    resolve_task,
+    task_class,
+    upgrade_hparams,
+)
 from interpzoo.utils import UsageError
 
 CHECKPOINT_KEY = "interpzoo"
@@ -80,34 +86,70 @@ def module_class(info: dict[str, Any], path: str | Path = "") -> type:
         raise CheckpointError(f"{path or 'the file'}: {e.args[0]}") from None
 
 
+def checkpoint_hparams(ckpt: dict[str, Any], path: str | Path = "") -> dict[str, Any]:
+    """The checkpoint's LightningModule settings in the current shape (:func:`~interpzoo.models.registry.upgrade_hparams`)."""
+    hparams = ckpt.get("hyper_parameters")
+    if not isinstance(hparams, dict):
+        raise CheckpointError(f"{path} lacks 'hyper_parameters'; it is not a complete interpzoo checkpoint")
+    try:
+        return upgrade_hparams(hparams)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e.args[0]}; it was edited or damaged") from None
+
+
+def _settings_error(path: str | Path, what: str, e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: its model settings do not build a {what} ({type(e).__name__}: "
+        f"{e.args[0] if e.args else e}); it was written by another version of interpzoo or edited"
+    )
+
+
 def load_checkpoint(path: str | Path, lightning_module: bool = False, eval_mode: bool = True) -> nn.Module:
     """Load an interpzoo Lightning checkpoint.
 
-    Returns the network (``module.net``, with ``data_config``) ready for inference, or the whole
-    LightningModule with ``lightning_module=True``.
+    Returns the network ready for inference, with ``data_config``: built by
+    :func:`~interpzoo.models.registry.build_model` from the architecture and constructor arguments the
+    checkpoint records, with the ``net.`` part of its state dict (no LightningModule is built). With
+    ``lightning_module=True``, the whole LightningModule of the checkpoint's registered task.
     """
-    ckpt = read_checkpoint(path)
-    info = checkpoint_info(ckpt, path)
-    cls = module_class(info, path)
-    hparams = ckpt.get("hyper_parameters")
-    if not isinstance(hparams, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise CheckpointError(
-            f"{path} lacks 'hyper_parameters' or 'state_dict'; it is not a complete checkpoint"
-        )
-    try:
-        module = cls(**hparams)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: its model settings do not build a {cls.__name__} ({type(e).__name__}: "
-            f"{e.args[0] if e.args else e}); it was written by another version of interpzoo or edited"
-        ) from None
     from interpzoo.models.bundle import BundleError, load_state_strict
 
+    ckpt = read_checkpoint(path)
+    info = checkpoint_info(ckpt, path)
     try:
-        load_state_strict(module, ckpt["state_dict"], what=f"checkpoint {path}")
-    except BundleError as e:
-        raise CheckpointError(str(e)) from None
-    out: nn.Module = module if lightning_module else module.net
+        resolve_task(info)  # a file naming anything but a registered task is refused before any build
+    except KeyError as e:
+        raise CheckpointError(f"{path}: {e.args[0]}") from None
+    hparams = checkpoint_hparams(ckpt, path)
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} lacks 'state_dict'; it is not a complete checkpoint")
+    recorded = isinstance(info.get("architecture"), str) and isinstance(info.get("model_args"), dict)
+    out: nn.Module
+    if lightning_module or not recorded:
+        cls = module_class(info, path)
+        try:
+            module = cls(**hparams)
+        except (KeyError, TypeError, ValueError) as e:
+            raise _settings_error(path, cls.__name__, e) from None
+        try:
+            load_state_strict(module, state, what=f"checkpoint {path}")
+        except BundleError as e:
+            raise CheckpointError(str(e)) from None
+        out = module if lightning_module else module.net
+    else:
+        data_info = dict(hparams.get("data_info") or {})
+        try:
+            out = build_model(
+                {**info["model_args"], "name": check_architecture(info["architecture"])}, data_info
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise _settings_error(path, f"{info['architecture']!r} network", e) from None
+        own = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+        try:
+            load_state_strict(out, own, what=f"checkpoint {path}")
+        except BundleError as e:
+            raise CheckpointError(str(e)) from None
     if eval_mode:
         out.eval()
     return out

@@ -2,7 +2,9 @@
 
 Every zoo network has ``net.explain(x)``; what it returns depends on the method:
 
-* ProtoPNet: a list of :class:`models.protopnet.PrototypeExplanation` (one per image; Chen et al. 2019);
+* ProtoPNet: :class:`models.protopnet.ProtoPNetExplanation`, one
+  :class:`models.protopnet.PrototypeExplanation` per image (``ex[i]``) with the top prototypes, their
+  contributions and boxes (Chen et al. 2019);
 * SENN: :class:`SENNExplanation`, concepts ``h(x)`` and relevances ``theta(x)`` (Alvarez-Melis &
   Jaakkola 2018, Eq. 3);
 * concept whitening: :class:`ConceptWhiteningExplanation`, the activation of every concept axis of the
@@ -12,16 +14,18 @@ Every zoo network has ``net.explain(x)``; what it returns depends on the method:
 * soft autoencoder: :class:`SoftAEExplanation`, per-stage codes and their sparsity;
 * black-box baseline: :class:`ClassifierExplanation`, logits and probabilities only.
 
-Each explanation is a dataclass of CPU tensors; :meth:`Explanation.plot` draws it on a matplotlib axes
-(or a new :class:`~matplotlib.figure.Figure`, no pyplot state) and optionally writes a PNG.
+Each explanation is a dataclass of CPU tensors for the whole batch; :meth:`Explanation.plot` draws one
+image of it (``index=0``) on a matplotlib axes (or a new :class:`~matplotlib.figure.Figure`, made without
+pyplot, so it neither needs nor changes a backend), returns the figure and optionally writes a PNG.
 
 >>> ex = net.explain(x)          # doctest: +SKIP
->>> ex.plot(path="explanation.png")  # doctest: +SKIP
+>>> ex.plot(index=1, path="explanation.png")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -46,6 +50,7 @@ __all__ = [
     "explain_concept_whitening",
     "explain_icnn",
     "explain_soft_autoencoder",
+    "explanation_figure_class",
 ]
 
 
@@ -70,9 +75,7 @@ class Explanation:
             **kwargs: method-specific options (e.g. ``index`` of the image in a batch explanation).
         """
         if ax is None:
-            from matplotlib.figure import Figure
-
-            fig = Figure(figsize=(5, 3.5), layout="constrained")
+            fig = explanation_figure_class()(figsize=(5, 3.5), layout="constrained")
             ax = fig.subplots()
         else:
             fig = ax.figure
@@ -83,6 +86,32 @@ class Explanation:
 
     def _draw(self, ax: Axes, **kwargs: Any) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not implement _draw(ax)")
+
+
+@functools.cache
+def explanation_figure_class() -> type[Figure]:
+    """:class:`ExplanationFigure`, made on first use (``import interpzoo`` does not import matplotlib).
+
+    ``ExplanationFigure`` is a plain :class:`~matplotlib.figure.Figure` that also renders itself as PNG
+    (``_repr_png_``), so ``net.explain(x).plot()`` as the last expression of a Jupyter cell shows the figure
+    whatever the backend, without pyplot and without ``%matplotlib inline``; elsewhere it is an ordinary
+    figure (``savefig``, ``add_subplot``, ...).
+    """
+    import io
+
+    from matplotlib.figure import Figure
+
+    class ExplanationFigure(Figure):
+        __module__ = __name__
+        __qualname__ = "ExplanationFigure"
+
+        def _repr_png_(self) -> bytes:
+            buf = io.BytesIO()
+            self.savefig(buf, format="png", dpi=100)
+            return buf.getvalue()
+
+    globals()["ExplanationFigure"] = ExplanationFigure  # so that pickle finds the class
+    return ExplanationFigure
 
 
 def _check_index(index: int, batch: int) -> int:

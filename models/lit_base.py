@@ -1,14 +1,14 @@
 """LightningModules shared by every method: classification and reconstruction tasks.
 
 Hyper-parameters are plain data only (strings, numbers, lists, dicts), so every checkpoint loads with
-``torch.load(..., weights_only=True)`` and resumes. The network is rebuilt through the registry from
-``arch``, ``model_args``, ``backbone`` and ``data_info``. Report figures are not drawn here: see
+``torch.load(..., weights_only=True)`` and resumes. The network is rebuilt by the registry's one builder
+(:func:`interpzoo.models.registry.build_model`) from the network config ``net`` and ``data_info``. Report figures are not drawn here: see
 :func:`interpzoo.reports.write_report`.
 """
 
 from __future__ import annotations
 
-import inspect
+import copy
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,18 +20,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from interpzoo.models.optim import build_optimizer, build_scheduler
 from interpzoo.models.outputs import NetworkOutput
-from interpzoo.models.registry import build_architecture, resolve_model_name
+from interpzoo.models.registry import build_model, resolve_net
 from interpzoo.utils import UsageError
-
-# data_info key -> constructor argument it feeds, when the architecture accepts it.
-_DATA_ARGS = {
-    "num_classes": "num_classes",
-    "in_chans": "in_chans",
-    "mean": "mean",
-    "std": "std",
-    "num_features": "num_features",
-    "image_size": "image_size",
-}
 
 
 class NonFiniteLossError(UsageError, FloatingPointError):
@@ -56,10 +46,11 @@ class InterpModule(pl.LightningModule):
     """Common base: builds the network, optimisers, schedulers; subclasses define the task.
 
     Args:
-        arch: model or architecture name in the registry (``baseline``, ``protopnet``, ...).
-        model_args: extra constructor arguments of the architecture.
-        backbone: trunk config (the ``backbone=`` config group), passed when the architecture
-            takes a ``backbone`` argument.
+        net: the network config ``{"name": <model or architecture name>, **constructor arguments}``, the
+            same shape as ``interpzoo.create_model(name, **kwargs)`` (``model.net`` in a training config;
+            its ``backbone`` entry is the ``backbone=`` config group, ignored by architectures without a
+            trunk). ``name`` defaults to the module's :attr:`default_net`. Built by
+            :func:`~interpzoo.models.registry.build_model`: registry defaults < ``data_info`` < ``net``.
         data_info: the datamodule's :attr:`~datamodules.base.BaseDataModule.data_info`.
         optimizer: optimiser config (:func:`models.optim.build_optimizer`).
         scheduler: scheduler config or ``None`` (:func:`models.optim.build_scheduler`).
@@ -68,11 +59,12 @@ class InterpModule(pl.LightningModule):
         compile: wrap the network with ``torch.compile``.
     """
 
+    #: network name used when ``net`` has no ``name``
+    default_net = "baseline"
+
     def __init__(
         self,
-        arch: str = "baseline",
-        model_args: dict[str, Any] | None = None,
-        backbone: dict[str, Any] | None = None,
+        net: dict[str, Any] | None = None,
         data_info: dict[str, Any] | None = None,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
@@ -92,24 +84,19 @@ class InterpModule(pl.LightningModule):
         self._forward_net = torch.compile(self.net) if compile else self.net
 
     # -- network ---------------------------------------------------------------------------------
-    def net_arguments(self) -> tuple[str, dict[str, Any]]:
-        """``(architecture, constructor kwargs)``: registry defaults < data_info < backbone < model_args."""
-        from interpzoo.models.registry import _ARCHITECTURES, _deep_update
+    def net_config(self) -> dict[str, Any]:
+        """The network config this module builds: ``net`` (``name`` defaulting to :attr:`default_net`).
 
-        arch, args = resolve_model_name(self.hparams.arch)
-        params = inspect.signature(_ARCHITECTURES[arch]).parameters
-        for key, arg in _DATA_ARGS.items():
-            if arg in params and self.data_info.get(key) is not None:
-                args[arg] = self.data_info[key]
-        if self.hparams.backbone is not None and "backbone" in params:
-            args = _deep_update(args, {"backbone": dict(self.hparams.backbone)})
-        return arch, _deep_update(args, dict(self.hparams.model_args or {}))
+        Subclasses add what their training fixes (concept names, a binary head, ...).
+        """
+        return {"name": self.default_net, **copy.deepcopy(dict(self.hparams.get("net") or {}))}
+
+    def net_arguments(self) -> tuple[str, dict[str, Any]]:
+        """``(architecture, constructor kwargs)``: registry defaults < data_info < :meth:`net_config`."""
+        return resolve_net(self.net_config(), self.data_info, drop_unused_backbone=True)
 
     def build_net(self) -> nn.Module:
-        arch, args = self.net_arguments()
-        net = build_architecture(arch, args)
-        net.data_config = self.data_info
-        return net
+        return build_model(self.net_config(), self.data_info, drop_unused_backbone=True)
 
     def forward(self, x: torch.Tensor) -> NetworkOutput:
         if self.hparams.channels_last and x.dim() == 4:
@@ -201,6 +188,27 @@ class InterpModule(pl.LightningModule):
                 self._non_finite_message(float(loss.detach().float().mean()), terms, batch)
             )
 
+    # -- epoch means that stay exact under DDP -------------------------------------------------
+    def log_epoch_mean(self, name: str, value: torch.Tensor, weight: int | torch.Tensor) -> None:
+        """Log ``name`` as the sample-weighted mean of per-batch means over the epoch, over every rank.
+
+        ``self.log(..., sync_dist=True)`` of a per-batch mean averages the ranks' means with equal weight,
+        which differs from one process when the ranks hold different numbers of samples (an odd validation
+        or test split under DDP); a ``MeanMetric`` per name sums value and weight across ranks instead, so the
+        logged value equals single-process up to float reduction order. ``weight``: the batch's sample count.
+        """
+        from torchmetrics import MeanMetric
+
+        key = name.replace("/", "__").replace(".", "_")
+        means = self.__dict__.setdefault("_epoch_means", {})
+        metric = means.get(key)
+        if metric is None:
+            metric = means[key] = MeanMetric().to(self.device)
+            # created lazily (the names are the method's loss terms): a child so that Lightning resets it
+            self.add_module(f"_epoch_mean__{key}", metric)
+        metric.update(value.detach().float().mean(), weight=float(weight))
+        self.log(name, metric, on_step=False, on_epoch=True, metric_attribute=f"_epoch_mean__{key}")
+
     # -- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from interpzoo.models.checkpoint import CHECKPOINT_KEY
@@ -250,19 +258,18 @@ class ClassificationModule(InterpModule):
             self.check_finite_loss(loss, losses, batch)
         acc, mean_loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
         acc(out.logits.detach(), y)
-        mean_loss(loss.detach())
+        # weighted by the batch's samples: the mean over samples, the same however the split is batched or
+        # sharded across ranks (an unweighted mean of batch means is not)
+        mean_loss(loss.detach(), weight=float(y.shape[0]))
         on_step = stage == "train"
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "test")
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
         if len(losses) > 1:
             for name, value in losses.items():
-                self.log(
-                    f"{stage}/loss_{name}",
-                    value.detach(),
-                    on_step=on_step,
-                    on_epoch=True,
-                    sync_dist=not on_step,
-                )
+                if on_step:
+                    self.log(f"{stage}/loss_{name}", value.detach(), on_step=True, on_epoch=True)
+                else:  # sample-weighted over every rank: exact with uneven evaluation shards
+                    self.log_epoch_mean(f"{stage}/loss_{name}", value, y.shape[0])
         if stage != "train":
             self.update_eval_metrics(out, batch, stage)
         return loss
@@ -297,6 +304,8 @@ class ReconstructionModule(InterpModule):
         noise_std: sigma of additive Gaussian noise in ``[0, 1]`` pixel units (e.g. ``25 / 255``).
         noise_seed: seed of the evaluation noise.
     """
+
+    default_net = "softae"
 
     def __init__(
         self, *args: Any, noise_std: float = 25 / 255, noise_seed: int = 1234, **kwargs: Any
@@ -341,7 +350,9 @@ class ReconstructionModule(InterpModule):
             self.check_finite_loss(loss, losses, batch)
         psnr, mean_loss = getattr(self, f"{stage}_psnr"), getattr(self, f"{stage}_loss")
         psnr(out.reconstruction.detach().clamp(0, 1), clean)
-        mean_loss(loss.detach())
+        mean_loss(
+            loss.detach(), weight=float(clean.shape[0])
+        )  # the mean over samples (see ClassificationModule)
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}/psnr", psnr, on_step=False, on_epoch=True, prog_bar=True)
         if stage != "train":

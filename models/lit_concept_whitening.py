@@ -66,8 +66,11 @@ class ConceptWhiteningModule(ClassificationModule):
         permutation_importance: compute ``concept_importance/<c>`` at test.
         report_top_k, report_samples: report figure of the top-``k`` test images per axis out of the
             first ``report_samples`` test images.
-        Other arguments: see :class:`~models.lit_base.InterpModule`.
+        **kwargs: the network config ``net`` (must build a concept-whitening network; default ``cw``),
+            ``data_info`` and the other arguments of :class:`~interpzoo.models.lit_base.InterpModule`.
     """
+
+    default_net = "cw"
 
     def __init__(
         self,
@@ -85,7 +88,6 @@ class ConceptWhiteningModule(ClassificationModule):
         report_samples: int = 512,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("arch", "cw")
         super().__init__(*args, **kwargs)
         from interpzoo.metrics.concept_whitening import (
             ConceptAUC,
@@ -107,12 +109,15 @@ class ConceptWhiteningModule(ClassificationModule):
             setattr(self, f"{stage}_whitening_corr", WhiteningCorrelation(c))
         self.test_permutation = PermutationImportance(k)
         self._concept_iters: list[Iterator[dict[str, Any]]] | None = None
+        # concept batches drawn so far per axis: saved in checkpoints, so a resumed run continues each
+        # concept stream where the checkpoint left it (exact resume)
+        self._concept_drawn: list[int] = [0] * len(self.concept_names or [])
         self._reference: list[nn.Module] = []  # matched BN model, kept out of the module tree
         self._baseline_cache: dict[str, float] | None = None
 
     # -- network ----------------------------------------------------------------------------------
-    def net_arguments(self) -> tuple[str, dict[str, Any]]:
-        arch, args = super().net_arguments()
+    def net_config(self) -> dict[str, Any]:
+        config = super().net_config()
         concepts = self.hparams.get("concepts")
         if concepts is None:
             concepts = self.data_info.get("concept_names")
@@ -121,14 +126,14 @@ class ConceptWhiteningModule(ClassificationModule):
                 "concept whitening needs concept names: set model.concepts=[...] (PartShapes probe concepts such "
                 "as has_red) or use a dataset with concept folders (data.concepts_train_dir)"
             )
-        args["concepts"] = [str(c) for c in concepts]
-        return arch, args
+        config["concepts"] = [str(c) for c in concepts]
+        return config
 
     def build_net(self) -> nn.Module:
         net = super().build_net()
         if not isinstance(net, ConceptWhiteningNet):
             raise TypeError(
-                f"ConceptWhiteningModule needs arch=cw or cw_<backbone>, got {type(net).__name__}"
+                f"ConceptWhiteningModule needs net.name=cw or cw_<backbone>, got {type(net).__name__}"
             )
         if len(net.concepts) > net.cw_layer.num_features:
             raise ValueError(
@@ -213,10 +218,10 @@ class ConceptWhiteningModule(ClassificationModule):
                 return None
         _, args = self.net_arguments()
         if (args.get("backbone") or {}).get("pretrained"):
-            from interpzoo.models.registry import build_architecture
+            from interpzoo.models.registry import build_model
 
             keep = ("num_classes", "in_chans", "mean", "std", "backbone")
-            return build_architecture("baseline", {k: args[k] for k in keep if k in args}).eval()
+            return build_model({"name": "baseline", **{k: args[k] for k in keep if k in args}}).eval()
         return None
 
     @property
@@ -236,12 +241,16 @@ class ConceptWhiteningModule(ClassificationModule):
             world_size=self.trainer.world_size,
             shuffle=True,
         )
-        return [_cycle(loader) for loader in loaders.values()]
+        drawn = list(self._concept_drawn) + [0] * (len(loaders) - len(self._concept_drawn))
+        return [_cycle(loader, start) for loader, start in zip(loaders.values(), drawn, strict=False)]
 
     def _next_concept_batch(self, j: int) -> torch.Tensor:
         if self._concept_iters is None:
             self._concept_iters = self._concept_loaders()
         batch = next(self._concept_iters[j])
+        while len(self._concept_drawn) <= j:
+            self._concept_drawn.append(0)
+        self._concept_drawn[j] += 1
         return batch["image"].to(self.device)
 
     @torch.no_grad()
@@ -308,6 +317,18 @@ class ConceptWhiteningModule(ClassificationModule):
             on_step=True,
             on_epoch=False,
         )
+
+    # -- checkpoints (exact resume) -----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["concept_whitening"] = {"concept_batches_drawn": [int(c) for c in self._concept_drawn]}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("concept_whitening") or {}
+        if "concept_batches_drawn" in state:
+            self._concept_drawn = [int(c) for c in state["concept_batches_drawn"]]
+            self._concept_iters = None  # rebuilt from the restored positions
 
     # -- metrics ------------------------------------------------------------------------------------
     def update_eval_metrics(self, out: NetworkOutput, batch: dict[str, Any], stage: str) -> None:
@@ -469,12 +490,21 @@ class ConceptWhiteningModule(ClassificationModule):
                 self.test_permutation.reset()
 
 
-def _cycle(loader: Any) -> Iterator[dict[str, Any]]:
-    """Endless iteration over ``loader``, a new shuffle per pass (its ``DistributedSampler``'s epoch)."""
-    epoch = 0
+def _cycle(loader: Any, start: int = 0) -> Iterator[dict[str, Any]]:
+    """Endless iteration over ``loader``, a new shuffle per pass (its ``DistributedSampler``'s epoch).
+
+    ``start``: batches already drawn (a resumed run): the stream continues with batch ``start``, the pass and
+    its shuffle being a function of the count only.
+    """
+    n = len(loader)
+    epoch, skip = (start // n, start % n) if n else (0, 0)
     while True:
         loader.sampler.set_epoch(epoch)
-        yield from loader
+        it = iter(loader)
+        for _ in range(skip):  # the skipped batches are loaded once (probe sets are small)
+            next(it)
+        skip = 0
+        yield from it
         epoch += 1
 
 

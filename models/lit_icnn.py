@@ -91,8 +91,11 @@ class ICNNModule(ClassificationModule):
             ``candidates`` (``category``: a filter's top images come from its category; ``all``),
             ``part_iou_samples`` (fixed subset; 0 disables), ``part_iou_quantile``,
             ``iou_threshold``, ``part_iou_seed``, ``report_samples``, ``report_filters``.
-        *args, **kwargs: :class:`~models.lit_base.ClassificationModule` arguments.
+        *args, **kwargs: the network config ``net`` (must build an :class:`ICNNNet`; default ``icnn``),
+            ``data_info`` and the other arguments of :class:`~interpzoo.models.lit_base.InterpModule`.
     """
+
+    default_net = "icnn"
 
     def __init__(
         self,
@@ -121,13 +124,6 @@ class ICNNModule(ClassificationModule):
                 raise ValueError(
                     f"target_class {target_class} is not a class of the data (0..{int(num_classes) - 1})"
                 )
-            # Binary task: the network gets 2 outputs and every filter serves class 1 ("target").
-            kwargs["model_args"] = {
-                **dict(kwargs.get("model_args") or {}),
-                "num_classes": 2,
-                "assignment": "single",
-                "target_class": 1,
-            }
         super().__init__(*args, **kwargs)
         self.mode, self.target_class = mode, int(target_class)
         self.lambda_filter, self.loss_impl = float(lambda_filter), loss_impl
@@ -172,6 +168,14 @@ class ICNNModule(ClassificationModule):
                     ),
                 )
 
+    # -- network ---------------------------------------------------------------------------------
+    def net_config(self) -> dict[str, Any]:
+        config = super().net_config()
+        if self.hparams.get("mode") == "single":
+            # Binary task: the network gets 2 outputs and every filter serves class 1 ("target").
+            config.update(num_classes=2, assignment="single", target_class=1)
+        return config
+
     # -- task ------------------------------------------------------------------------------------
     def task_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Dataset labels -> task labels (``1`` for the target class in single-category mode)."""
@@ -200,7 +204,10 @@ class ICNNModule(ClassificationModule):
                 k: sum(v.as_dict()[k] for v in terms.values()) for k in next(iter(terms.values())).as_dict()
             }
             for k, v in total.items():
-                self.log(f"{stage}/{k}", v.detach(), on_step=False, on_epoch=True, sync_dist=True)
+                if stage == "train":
+                    self.log(f"{stage}/{k}", v.detach(), on_step=False, on_epoch=True, sync_dist=True)
+                else:  # sample-weighted over every rank: exact with uneven evaluation shards
+                    self.log_epoch_mean(f"{stage}/{k}", v, labels.shape[0])
             if use_mi:
                 losses["filter"] = self.lambda_filter * total["filter_loss"]
         if stage == "train" and self.loss_impl == "official_grad" and self.lambda_filter > 0:

@@ -197,8 +197,6 @@ class ProtoPNetModule(ClassificationModule):
     """ProtoPNet LightningModule (see the module docstring for the procedure).
 
     Args:
-        arch, model_args, backbone, data_info, monitor, monitor_mode, channels_last, compile:
-            as :class:`~models.lit_base.InterpModule` (``arch`` must build a :class:`ProtoPNet`).
         loss: coefficients ``{ce, clst, sep, l1}`` (reference ``1, 0.8, -0.08, 1e-4``).
         optim: ``{warm: {add_on, prototypes, weight_decay}, joint: {backbone, add_on, prototypes,
             weight_decay, step_size, gamma}, last: {lr}}`` (Adam learning rates; reference values default).
@@ -210,28 +208,25 @@ class ProtoPNetModule(ClassificationModule):
         metrics: prototype metrics (:mod:`metrics.protopnet`): ``{enabled, stages, stability, stability_stages,
             noise_seed, half_fraction, consistency_threshold, part_purity_k, class_purity_k,
             explanation_fraction}``; stability costs a second forward pass, ``stability_stages`` limits it.
-        optimizer, scheduler: unused (ProtoPNet builds its own three optimisers); accepted so that the
-            shared config keys compose.
+        **kwargs: the network config ``net`` (must build a :class:`ProtoPNet`; default ``protopnet``),
+            ``data_info``, ``monitor`` (default ``val/acc_pushed``) and the other arguments of
+            :class:`~interpzoo.models.lit_base.InterpModule`. Its ``optimizer`` and ``scheduler`` are unused
+            (ProtoPNet builds its own three optimisers); they are accepted so that the shared config keys
+            compose.
     """
+
+    default_net = "protopnet"
 
     def __init__(
         self,
-        arch: str = "protopnet",
-        model_args: dict[str, Any] | None = None,
-        backbone: dict[str, Any] | None = None,
-        data_info: dict[str, Any] | None = None,
+        *,
         loss: dict[str, Any] | None = None,
         optim: dict[str, Any] | None = None,
         schedule: dict[str, Any] | None = None,
         push: dict[str, Any] | None = None,
         prune: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
-        optimizer: dict[str, Any] | None = None,
-        scheduler: dict[str, Any] | None = None,
-        monitor: str = "val/acc_pushed",
-        monitor_mode: str = "max",
-        channels_last: bool = False,
-        compile: bool = False,
+        **kwargs: Any,
     ) -> None:
         self.loss_cfg = _merge(DEFAULT_LOSS, loss, "loss")
         self.optim_cfg = _merge(DEFAULT_OPTIM, optim, "optim")
@@ -239,22 +234,12 @@ class ProtoPNetModule(ClassificationModule):
         self.push_cfg = _merge(DEFAULT_PUSH, push, "push")
         self.prune_cfg = _merge(DEFAULT_PRUNE, prune, "prune")
         self.metrics_cfg = _merge(DEFAULT_METRICS, metrics, "metrics")
-        super().__init__(
-            arch=arch,
-            model_args=model_args,
-            backbone=backbone,
-            data_info=data_info,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            monitor=monitor,
-            monitor_mode=monitor_mode,
-            channels_last=channels_last,
-            compile=compile,
-        )
+        kwargs.setdefault("monitor", "val/acc_pushed")
+        super().__init__(**kwargs)
         if not isinstance(self.net, ProtoPNet):
             raise TypeError(
-                f"ProtoPNetModule needs a ProtoPNet network, but arch={arch!r} builds {type(self.net).__name__}; "
-                "use arch=protopnet or a protopnet_<backbone> name"
+                f"ProtoPNetModule needs a ProtoPNet network, but net.name={self.net_config()['name']!r} builds "
+                f"{type(self.net).__name__}; use net.name=protopnet or a protopnet_<backbone> name"
             )
         self.automatic_optimization = False
         self._plan: list[dict[str, Any]] | None = None
@@ -613,6 +598,10 @@ class ProtoPNetModule(ClassificationModule):
                 self.log("push/n_missing", float(st["n_missing"]), sync_dist=True)
                 if "n_pruned" in st:
                     self.log("push/n_pruned", float(st["n_pruned"]), sync_dist=True)
+            elif not math.isnan(float(self.push_record[1])):
+                # the last push's gap (a checkpointed buffer), every epoch after it: the final metrics of a
+                # resumed run hold it as those of an uninterrupted run do
+                self.log("val/push_gap", float(self.push_record[0] - self.push_record[1]), sync_dist=True)
         self._log_prototype_metrics("val")
 
     def on_test_epoch_end(self) -> None:

@@ -66,9 +66,6 @@ class SENNModule(ClassificationModule):
     """SENN classifier: cross-entropy + robustness + (learned concepts) reconstruction and sparsity.
 
     Args:
-        arch, model_args, backbone, data_info, optimizer, scheduler, monitor, monitor_mode,
-            channels_last, compile: see :class:`interpzoo.models.lit_base.InterpModule`; ``arch`` must
-            build a :class:`~interpzoo.models.senn.SENN`.
         robustness_lambda: weight of the robustness loss (0 disables it in training).
         penalty_target: ``logits`` (0 for a model linear in its concepts) or ``log_probs`` (the
             reference code's choice).
@@ -99,20 +96,16 @@ class SENNModule(ClassificationModule):
         median_samples: training samples (fixed subset) for the concept/input medians.
         report: ``{"samples": 6, "top_k": 8}``: test samples in the relevance figure and top
             activating training samples per concept.
+        **kwargs: the network config ``net`` (must build a :class:`~interpzoo.models.senn.SENN`; default
+            ``senn``), ``data_info`` and the other arguments of
+            :class:`interpzoo.models.lit_base.InterpModule`.
     """
+
+    default_net = "senn"
 
     def __init__(
         self,
-        arch: str = "senn",
-        model_args: dict[str, Any] | None = None,
-        backbone: dict[str, Any] | None = None,
-        data_info: dict[str, Any] | None = None,
-        optimizer: dict[str, Any] | None = None,
-        scheduler: dict[str, Any] | None = None,
-        monitor: str = "val/acc",
-        monitor_mode: str = "max",
-        channels_last: bool = False,
-        compile: bool = False,
+        *,
         robustness_lambda: float = 1e-4,
         penalty_target: str = "logits",
         penalty_reduction: str = "mean",
@@ -128,6 +121,7 @@ class SENNModule(ClassificationModule):
         lipschitz: dict[str, Any] | None = None,
         median_samples: int = 512,
         report: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
         if penalty_target not in PENALTY_TARGETS:
             raise ValueError(f"penalty_target must be one of {PENALTY_TARGETS}, got {penalty_target!r}")
@@ -147,7 +141,7 @@ class SENNModule(ClassificationModule):
             )
         if robustness_lambda < 0:
             raise ValueError(f"robustness_lambda must be >= 0, got {robustness_lambda}")
-        if compile and robustness_lambda > 0:
+        if kwargs.get("compile") and robustness_lambda > 0:
             raise ValueError(
                 "compile=true cannot be combined with robustness_lambda > 0 (double backward); set compile=false"
             )
@@ -162,18 +156,7 @@ class SENNModule(ClassificationModule):
                 raise ValueError(f"lipschitz.methods: unknown {m!r}; choose from {LIPSCHITZ_METHODS}")
         if lip["mode"] not in LIPSCHITZ_MODES:
             raise ValueError(f"lipschitz.mode must be one of {LIPSCHITZ_MODES}, got {lip['mode']!r}")
-        super().__init__(
-            arch=arch,
-            model_args=model_args,
-            backbone=backbone,
-            data_info=data_info,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            monitor=monitor,
-            monitor_mode=monitor_mode,
-            channels_last=channels_last,
-            compile=compile,
-        )
+        super().__init__(**kwargs)
         if not isinstance(self.net, SENN):
             raise TypeError(
                 f"SENNModule needs a SENN architecture ('senn', 'senn_mlp', ...), got {type(self.net).__name__}"

@@ -34,9 +34,6 @@ class SoftAutoencoderModule(ReconstructionModule):
     :meth:`~interpzoo.models.soft_autoencoder.SoftAutoencoder.pixel_thresholds`). Labels are ignored.
 
     Args:
-        arch, model_args, backbone, data_info, optimizer, scheduler, monitor, monitor_mode,
-            channels_last, compile: see :class:`interpzoo.models.lit_base.InterpModule` (``backbone``
-            is unused: the soft autoencoder has its own encoder).
         noise_std: σ of the additive white Gaussian noise in ``[0, 1]`` pixel units (``25 / 255``).
         noise_seed: seed of the validation/test noise (per sample index: every evaluation sees the
             same noisy images, on any number of ranks).
@@ -44,25 +41,22 @@ class SoftAutoencoderModule(ReconstructionModule):
             pure AWGN, the model under which shrinkage is derived.
         sparsity_eps: ``|z| ≤ eps`` counts as zero (0 for the exact zeros of a soft threshold).
         report_examples: number of test images in the report's noisy/denoised/clean figure.
+        **kwargs: the network config ``net`` (default ``softae``; a ``backbone`` entry is ignored: the soft
+            autoencoder has its own encoder), ``data_info``, ``monitor`` (default ``val/psnr``) and the other
+            arguments of :class:`interpzoo.models.lit_base.InterpModule`.
     """
+
+    default_net = "softae"
 
     def __init__(
         self,
-        arch: str = "softae",
-        model_args: dict[str, Any] | None = None,
-        backbone: dict[str, Any] | None = None,
-        data_info: dict[str, Any] | None = None,
-        optimizer: dict[str, Any] | None = None,
-        scheduler: dict[str, Any] | None = None,
-        monitor: str = "val/psnr",
-        monitor_mode: str = "max",
-        channels_last: bool = False,
-        compile: bool = False,
+        *,
         noise_std: float = 25 / 255,
         noise_seed: int = 1234,
         clip_noisy: bool = False,
         sparsity_eps: float = 0.0,
         report_examples: int = 8,
+        **kwargs: Any,
     ) -> None:
         if noise_std < 0:
             raise ValueError(f"noise_std is a standard deviation in [0, 1] pixel units, got {noise_std}")
@@ -71,25 +65,12 @@ class SoftAutoencoderModule(ReconstructionModule):
                 f"noise_std={noise_std} looks like 0..255 units; use noise_std={noise_std}/255 "
                 f"= {noise_std / 255:.4f} (images are in [0, 1])"
             )
-        super().__init__(
-            arch=arch,
-            model_args=model_args,
-            backbone=backbone,
-            data_info=data_info,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            monitor=monitor,
-            monitor_mode=monitor_mode,
-            channels_last=channels_last,
-            compile=compile,
-            noise_std=noise_std,
-            noise_seed=noise_seed,
-        )
+        super().__init__(noise_std=noise_std, noise_seed=noise_seed, **kwargs)
         channels = getattr(self.net, "code_channels", None)
         if not isinstance(channels, dict):
             raise TypeError(
-                f"SoftAutoencoderModule needs an autoencoder exposing code_channels (e.g. arch=softae), "
-                f"got {type(self.net).__name__} from arch={arch!r}"
+                f"SoftAutoencoderModule needs an autoencoder exposing code_channels (e.g. net.name=softae), "
+                f"got {type(self.net).__name__} from net.name={self.net_config()['name']!r}"
             )
         self.clip_noisy = bool(clip_noisy)
         self.report_examples = int(report_examples)

@@ -18,22 +18,23 @@ Registered names: architecture ``protopnet`` and ``protopnet_<backbone>`` for ev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
 
 from interpzoo.layers.protopnet import PrototypeLayer, upsample_maps
 from interpzoo.models.backbones import list_backbones
-from interpzoo.models.explain import Explanation, draw_prototype_explanation
+from interpzoo.models.explain import Explanation, _check_index, draw_prototype_explanation
 from interpzoo.models.outputs import ClassifierOutput
 from interpzoo.models.registry import register_architecture, register_model
 from interpzoo.models.trunk import TrunkNet
 
 __all__ = [
     "ProtoPNet",
+    "ProtoPNetExplanation",
     "ProtoPNetOutput",
     "PrototypeExplanation",
     "high_activation_boxes",
@@ -97,6 +98,54 @@ class PrototypeExplanation(Explanation):
     def _draw(self, ax: Any, image: torch.Tensor | None = None) -> None:
         # plot(image=x[i]) draws the boxes on the image, plot() the contributions
         draw_prototype_explanation(self, ax, image)
+
+
+@dataclass
+class ProtoPNetExplanation(Explanation):
+    """ "This looks like that" for a batch: what :meth:`ProtoPNet.explain` returns.
+
+    A sequence of one :class:`PrototypeExplanation` per image (``len(ex)``, ``ex[i]``, ``for e in ex``;
+    a slice gives a batch explanation again) plus the batch's images and logits, so
+    ``ex.plot(index=i)`` draws image ``i`` with the high-activation box of each of its top prototypes
+    (``image=False``: the bar chart of their contributions instead).
+
+    Attributes:
+        explanations: one :class:`PrototypeExplanation` per image.
+        images: ``(B, C, H, W)`` the explained images (CPU).
+        logits: ``(B, K)``.
+        prediction: ``(B,)`` argmax class.
+    """
+
+    explanations: list[PrototypeExplanation]
+    images: torch.Tensor
+    logits: torch.Tensor
+    prediction: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.explanations)
+
+    def __iter__(self) -> Iterator[PrototypeExplanation]:
+        return iter(self.explanations)
+
+    @overload
+    def __getitem__(self, index: int) -> PrototypeExplanation: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> ProtoPNetExplanation: ...
+
+    def __getitem__(self, index: int | slice) -> PrototypeExplanation | ProtoPNetExplanation:
+        if isinstance(index, slice):
+            return ProtoPNetExplanation(
+                explanations=self.explanations[index],
+                images=self.images[index],
+                logits=self.logits[index],
+                prediction=self.prediction[index],
+            )
+        return self.explanations[_check_index(index, len(self.explanations))]
+
+    def _draw(self, ax: Any, index: int = 0, image: bool = True) -> None:
+        i = _check_index(index, len(self.explanations))
+        draw_prototype_explanation(self.explanations[i], ax, self.images[i] if image else None)
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -338,7 +387,7 @@ class ProtoPNet(TrunkNet):
         top_k: int = 5,
         target: torch.Tensor | int | None = None,
         percentile: float = 95.0,
-    ) -> list[PrototypeExplanation]:
+    ) -> ProtoPNetExplanation:
         """ "This looks like that": the ``top_k`` prototypes contributing most to each image's class logit.
 
         Args:
@@ -348,7 +397,8 @@ class ProtoPNet(TrunkNet):
             percentile: threshold of the high-activation box.
 
         Returns:
-            One :class:`PrototypeExplanation` per image.
+            A :class:`ProtoPNetExplanation`: one :class:`PrototypeExplanation` per image (``ex[i]``), and
+            ``ex.plot(index=i)`` draws image ``i`` with its prototypes' boxes.
         """
         was_training = self.training
         self.eval()
@@ -395,7 +445,13 @@ class ProtoPNet(TrunkNet):
                     source_boxes=self.push_act_box[j].cpu(),
                 )
             )
-        return result
+        logits = out.logits.detach().float().cpu()
+        return ProtoPNetExplanation(
+            explanations=result,
+            images=x.detach().float().cpu(),
+            logits=logits,
+            prediction=logits.argmax(1),
+        )
 
     # -- pruning ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -7,6 +7,12 @@ Two levels:
 * a **model name** such as ``baseline_resnet18`` is an architecture plus default arguments
   (usually the backbone), registered with :func:`register_model`.
 
+A **network config** is a plain dict ``{"name": <model or architecture name>, **constructor arguments}``
+(the ``model.net`` node of a training config, e.g. ``{"name": "protopnet", "prototypes_per_class": 10,
+"backbone": {"name": "resnet34"}}``). :func:`build_model` is the one builder: ``create_model``,
+``load_pretrained``, ``load_checkpoint``, the LightningModules and ``interpzoo.run.module_from_source`` all
+build their network through it.
+
 Every network made here carries ``net.interpzoo_config = {"architecture": ..., "model_args": ...}``,
 which is exactly what a bundle's ``config.json`` stores, so a network can always be rebuilt from
 plain JSON.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,25 +96,125 @@ def resolve_model_name(name: str) -> tuple[str, dict[str, Any]]:
     )
 
 
-def build_architecture(architecture: str, model_args: dict[str, Any]) -> nn.Module:
-    """Instantiate a registered architecture and stamp it with its plain-data config."""
-    if architecture not in _ARCHITECTURES:
+def check_architecture(architecture: Any) -> str:
+    """``architecture`` if it is a registered architecture name (what bundles and checkpoints record), else
+    :class:`KeyError` with did-you-mean."""
+    if not isinstance(architecture, str) or architecture not in _ARCHITECTURES:
         raise KeyError(
-            f"unknown architecture {architecture!r}{did_you_mean(architecture, _ARCHITECTURES)}; "
+            f"unknown architecture {architecture!r}{did_you_mean(str(architecture), _ARCHITECTURES)}; "
             f"registered: {list_architectures()}"
         )
+    return architecture
+
+
+def build_architecture(architecture: str, model_args: dict[str, Any]) -> nn.Module:
+    """Instantiate a registered architecture and stamp it with its plain-data config (the primitive under
+    :func:`build_model`, which resolves names, defaults and ``data_info`` first)."""
+    check_architecture(architecture)
     cls = _ARCHITECTURES[architecture]
     try:
         net = cls(**model_args)
     except TypeError as e:
-        import inspect
-
         params = [p for p in inspect.signature(cls).parameters if p != "self"]
         bad = [k for k in model_args if k not in params]
         hint = "".join(f"\n  unknown argument {k!r}{did_you_mean(k, params)}" for k in bad)
         raise TypeError(f"cannot build {architecture!r}: {e}{hint}\n  accepted arguments: {params}") from None
     net.interpzoo_config = {"architecture": architecture, "model_args": copy.deepcopy(model_args)}
     return net
+
+
+# data_info key -> the constructor argument of the same name it fills, when the architecture accepts it.
+DATA_ARGS = ("num_classes", "in_chans", "mean", "std", "num_features", "image_size")
+
+
+def architecture_parameters(architecture: str) -> dict[str, inspect.Parameter]:
+    """The constructor parameters of a registered architecture (``self`` excluded)."""
+    return dict(inspect.signature(_ARCHITECTURES[architecture]).parameters)
+
+
+def resolve_net(
+    net_config: dict[str, Any],
+    data_info: dict[str, Any] | None = None,
+    *,
+    drop_unused_backbone: bool = False,
+) -> tuple[str, dict[str, Any]]:
+    """``(architecture, constructor arguments)`` of a network config, without building anything.
+
+    Precedence: the registered defaults of ``net_config["name"]`` < the ``data_info`` entries the
+    architecture accepts (:data:`DATA_ARGS`) < the other keys of ``net_config`` (nested dicts such as
+    ``backbone`` merge key by key). ``drop_unused_backbone`` drops a ``backbone`` entry when the architecture
+    has no trunk (a training config composes the ``backbone=`` group into every model's ``net``).
+    """
+    if not isinstance(net_config, dict):
+        raise TypeError(
+            f"a network config is a dict {{'name': <model name>, **constructor arguments}}, got "
+            f"{type(net_config).__name__}"
+        )
+    config = dict(net_config)
+    name = config.pop("name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"the network config has no 'name' (got {name!r}): give a model or architecture name, e.g. "
+            f"{{'name': 'protopnet', ...}} (model.net.name=protopnet); see interpzoo.list_models()"
+        )
+    arch, args = resolve_model_name(name)
+    params = architecture_parameters(arch)
+    for key in DATA_ARGS:
+        if key in params and (data_info or {}).get(key) is not None:
+            args[key] = copy.deepcopy(data_info[key])  # type: ignore[index]
+    if drop_unused_backbone and "backbone" not in params:
+        config.pop("backbone", None)
+    return arch, _deep_update(args, config)
+
+
+def build_model(
+    net_config: dict[str, Any],
+    data_info: dict[str, Any] | None = None,
+    *,
+    drop_unused_backbone: bool = False,
+) -> nn.Module:
+    """Build the network of a network config ``{"name": ..., **constructor arguments}`` (the one builder).
+
+    ``data_info`` (a datamodule's :attr:`data_info`, or a bundle's ``data_config``) fills the constructor
+    arguments the architecture accepts (``num_classes``, ``in_chans``, ``mean``, ``std``, ``num_features``,
+    ``image_size``) and is kept as ``net.data_config``; keys of ``net_config`` win over both. See
+    :func:`resolve_net` for the precedence. The network carries ``net.interpzoo_config``.
+    """
+    arch, args = resolve_net(net_config, data_info, drop_unused_backbone=drop_unused_backbone)
+    net = build_architecture(arch, args)
+    if data_info is not None:
+        net.data_config = dict(data_info)
+    return net
+
+
+# Constructor keywords of the LightningModules before interpzoo 0.2, and what they became.
+_OLD_NET_KEYS = ("arch", "model_args", "backbone")
+
+
+def upgrade_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """LightningModule settings in the current shape: old ``arch``/``model_args``/``backbone`` become ``net``.
+
+    Checkpoints and bundles written before the LightningModules took one network argument record
+    ``arch=<name>, model_args={...}, backbone={...}``; that is ``net={"name": arch, "backbone": backbone,
+    **model_args}`` now (``model_args`` wins over ``backbone``, as it did). Settings already in the current
+    shape come back unchanged (as a new dict). Also used on the ``model`` section of a saved run config.
+    """
+    hp = dict(hparams)
+    if not any(k in hp for k in _OLD_NET_KEYS):
+        return hp
+    if "net" in hp:
+        raise ValueError(
+            f"the settings hold both 'net' and the old {[k for k in _OLD_NET_KEYS if k in hp]}; keep only net"
+        )
+    arch = hp.pop("arch", None)
+    model_args = hp.pop("model_args", None) or {}
+    backbone = hp.pop("backbone", None)
+    net: dict[str, Any] = {"backbone": copy.deepcopy(dict(backbone))} if backbone is not None else {}
+    net = _deep_update(net, dict(model_args))
+    if arch is not None:
+        net = {"name": arch, **net}
+    hp["net"] = net
+    return hp
 
 
 # Lightning task name -> (module, class). The table is code: a checkpoint or a bundle names a task from
@@ -189,7 +296,4 @@ def create_model(name: str, pretrained: bool | str = False, **kwargs: Any) -> nn
         if kwargs:
             raise ValueError("constructor arguments cannot be changed when loading a pretrained bundle")
         return load_pretrained(source)
-    arch, defaults = resolve_model_name(name)
-    return build_architecture(
-        arch, _deep_update(defaults, {k: v for k, v in kwargs.items() if v is not None})
-    )
+    return build_model({"name": name, **{k: v for k, v in kwargs.items() if v is not None}})

@@ -61,7 +61,7 @@ def fake_cub_fdr_overrides(experiment: str, tmp_path: Path) -> list[str]:
         "data.image_size=64",
         "data.batch_size=4",
         "data.num_workers=0",
-        "model.backbone.pretrained=false",
+        "model.net.backbone.pretrained=false",
     ]
 
 

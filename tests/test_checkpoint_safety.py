@@ -383,7 +383,12 @@ def test_legacy_class_path_checkpoint_maps_to_its_task(tmp_path: Path) -> None:
         resolve_task({"module_class": "models.lit_base.Anything"})
 
     torch.manual_seed(0)
-    module = ClassificationModule(arch="baseline_mlp", data_info={"num_classes": 3, "num_features": 5})
+    module = ClassificationModule(
+        net={"name": "baseline_mlp"}, data_info={"num_classes": 3, "num_features": 5}
+    )
+    # interpzoo 0.1 recorded the network as arch/model_args/backbone keywords (upgraded to net= on load)
+    old_hparams = {k: v for k, v in module.hparams.items() if k != "net"}
+    old_hparams.update(arch="baseline_mlp", model_args={}, backbone={"name": "resnet18s", "width": 16})
     path = tmp_path / "legacy.ckpt"
     torch.save(
         {
@@ -391,7 +396,7 @@ def test_legacy_class_path_checkpoint_maps_to_its_task(tmp_path: Path) -> None:
                 "module_class": "models.lit_base.ClassificationModule",
                 "architecture": "baseline_mlp",
             },
-            "hyper_parameters": dict(module.hparams),
+            "hyper_parameters": old_hparams,
             "state_dict": module.state_dict(),
         },
         path,
@@ -409,7 +414,7 @@ def test_driver_sees_an_import(tmp_path: Path) -> None:
     """The subprocess driver reports imports and markers (so an empty report is evidence)."""
     crafted = Crafted(tmp_path)
     bait = tmp_path / "bait.ckpt"
-    _ckpt(bait, {"task": "classification"}, {"arch": "baseline_mlp"})
+    _ckpt(bait, {"task": "classification"}, {"net": {"name": "baseline_mlp"}})
     driver = DRIVER.replace("obj = fn(path)", f"__import__({EVIL!r}); obj = fn(path)")
     assert driver != DRIVER
     cases = {"bait": ("load_checkpoint", str(bait))}

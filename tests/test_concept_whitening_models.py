@@ -124,7 +124,7 @@ def test_warm_start_from_a_baseline_bundle(tmp_path: Path) -> None:
         base(torch.rand(8, 3, 32, 32))
     bundle = save_pretrained(base.eval(), tmp_path / "bn", data_config=data_info)
     module = ConceptWhiteningModule(
-        arch="cw_resnet18s", concepts=CONCEPTS, data_info=data_info, init_from=str(bundle)
+        net={"name": "cw_resnet18s"}, concepts=CONCEPTS, data_info=data_info, init_from=str(bundle)
     )
     module.warm_start(str(bundle))
     bn = base.backbone.body.layer3[0].bn1
@@ -291,7 +291,7 @@ def test_places365_recipe_on_fake_folders(make_cfg, tmp_path: Path) -> None:
             "model.align_every=1",
         ]
     )
-    assert cfg.model.model_args.whitened_layers == [8] and cfg.model.optimizer.name == "sgd"
+    assert cfg.model.net.whitened_layers == [8] and cfg.model.optimizer.name == "sgd"
     assert cfg.data.concepts_train_dir == f"{root}/concepts_train"
     metrics = train(cfg)
     assert {f"test/concept_auc/{c}" for c in ("airplane", "bed", "person")} <= set(metrics)

@@ -49,14 +49,59 @@ def test_unknown_constructor_key_gets_did_you_mean(make_cfg) -> None:
 
 def test_wrong_value_type_and_registry_names(make_cfg) -> None:
     cfg = make_cfg(
-        ["data.n_train=lots", "model.arch=protopnett", "model.backbone.name=resnet81"], shrink=False
+        ["data.n_train=lots", "model.net.name=protopnett", "model.net.backbone.name=resnet81"], shrink=False
     )
     with pytest.raises(ConfigError) as e:
         validate_config(cfg)
     msg = str(e.value)
     assert "data.n_train='lots': expected int" in msg
-    assert "did you mean 'protopnet'" in msg
-    assert "model.backbone.name='resnet81'" in msg and "did you mean 'resnet18'" in msg
+    assert "model.net.name: unknown model 'protopnett'" in msg and "did you mean 'protopnet'" in msg
+    assert "model.net.backbone.name='resnet81'" in msg and "did you mean 'resnet18'" in msg
+
+
+def test_net_keys_checked_against_the_architecture(make_cfg) -> None:
+    """Keys under model.net are the constructor arguments of the architecture model.net.name names."""
+    cfg = make_cfg(["+model.net.prototypes_per_clas=3", "+model.net.backbone.widht=8"], shrink=False)
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    msg = str(e.value)
+    assert "model.net.prototypes_per_clas: architecture 'protopnet'" in msg
+    assert "did you mean 'prototypes_per_class'" in msg
+    assert "model.net.backbone.widht: backbones take no 'widht'" in msg and "did you mean 'width'" in msg
+    # another name, another signature: dropout is a baseline argument, prototype_dim is not
+    validate_config(make_cfg(["model=baseline", "model.net.dropout=0.2"], shrink=False))
+    cfg = make_cfg(["model=baseline", "+model.net.prototype_dim=8"], shrink=False)
+    with pytest.raises(ConfigError, match="model.net.prototype_dim: architecture 'baseline'"):
+        validate_config(cfg)
+    # the backbone= group composes into every model; an architecture without a trunk ignores it
+    validate_config(make_cfg(["model=softae", "backbone=resnet34"], shrink=False))
+    # an unknown key beside net (a LightningModule argument) is still caught, with did-you-mean
+    cfg = make_cfg(["+model.align_evry=3"], shrink=False)
+    with pytest.raises(ConfigError, match="model.align_evry: ProtoPNetModule has no argument"):
+        validate_config(cfg)
+    cfg = make_cfg(["model=cw", "+model.align_evry=3"], shrink=False)
+    with pytest.raises(ConfigError, match="did you mean 'align_every'"):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, new",
+    [
+        ("model.model_args.prototypes_per_class=3", "model.net.prototypes_per_class=3"),
+        ("model.arch=protopnet_resnet34", "model.net.name=protopnet_resnet34"),
+        ("model.backbone.width=8", "model.net.backbone.width=8"),
+    ],
+)
+def test_old_spellings_get_the_new_key(make_cfg, override: str, new: str) -> None:
+    """The keys of interpzoo 0.1 (arch, model_args, backbone under model) are answered with their new place."""
+    with pytest.raises(ConfigError) as e:
+        check_override_keys(CONF_DIR, "train", [override])
+    old_key = override.split("=")[0]
+    assert f"{old_key} was renamed to {new.split('=')[0]}" in str(e.value) and repr(new) in str(e.value)
+    check_override_keys(CONF_DIR, "train", [new])  # the new spelling is accepted
+    # in a config file (or a + override), the composed config gets the same answer
+    with pytest.raises(ConfigError, match=f"{old_key.split('.')[1]} was renamed to model.net"):
+        validate_config(make_cfg([f"+{override}"], shrink=False))
 
 
 def test_missing_data_folder_named(make_cfg, tmp_path: Path) -> None:

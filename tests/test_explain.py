@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +12,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from interpzoo.models import create_model
+from interpzoo.models import create_model, list_models, registry
 from interpzoo.models.captum_adapter import as_logits_module, default_gradcam_layer, gradcam_layer
 from interpzoo.models.explain import (
     ClassifierExplanation,
@@ -20,7 +23,7 @@ from interpzoo.models.explain import (
     SoftAEExplanation,
     explain,
 )
-from interpzoo.models.protopnet import PrototypeExplanation
+from interpzoo.models.protopnet import ProtoPNetExplanation, PrototypeExplanation
 
 BB = {"name": "resnet18s", "width": 8}
 K = 4
@@ -98,9 +101,18 @@ def test_baseline_explanation(nets: dict, tmp_path: Path) -> None:
 def test_protopnet_explanation_is_typed(nets: dict, tmp_path: Path) -> None:
     net, x = nets["protopnet"], _input("protopnet")
     exs = net.explain(x, top_k=3)
+    assert isinstance(exs, ProtoPNetExplanation) and isinstance(exs, Explanation)
     assert len(exs) == 3 and all(
         isinstance(e, PrototypeExplanation) and isinstance(e, Explanation) for e in exs
     )
+    assert exs[-1] is exs[2] and [e.target for e in exs] == exs.prediction.tolist()
+    torch.testing.assert_close(exs.images, x)
+    torch.testing.assert_close(exs.logits, net(x).logits)
+    tail = exs[1:]
+    assert isinstance(tail, ProtoPNetExplanation) and len(tail) == 2 and tail[0] is exs[1]
+    torch.testing.assert_close(tail.images, x[1:])
+    with pytest.raises(IndexError, match="out of range"):
+        exs[3]
     sims = net(x).similarities
     for i, e in enumerate(exs):
         torch.testing.assert_close(
@@ -109,6 +121,15 @@ def test_protopnet_explanation_is_typed(nets: dict, tmp_path: Path) -> None:
         assert e.boxes.shape == (3, 4) and "contributions" in e.as_dict()
     _check_plot(exs[0], tmp_path, "protopnet_bars")
     _check_plot(exs[1], tmp_path, "protopnet_boxes", image=x[1])
+    # the batch draws image `index` with the boxes of its top prototypes, or their contributions
+    _check_plot(exs, tmp_path, "protopnet_batch", index=2)
+    fig = exs.plot(index=1)
+    assert len(fig.axes[0].images) == 1 and len(fig.axes[0].patches) == 3
+    assert fig.axes[0].get_title() == f"class {exs[1].target}: logit {exs[1].logit:.3g}"
+    fig = exs.plot(index=1, image=False)
+    assert not fig.axes[0].images and len(fig.axes[0].patches) == 3  # three bars
+    with pytest.raises(IndexError, match="out of range"):
+        exs.plot(index=3)
 
 
 def test_senn_explanation_typed_and_dict_compatible(nets: dict, tmp_path: Path) -> None:
@@ -197,6 +218,77 @@ def test_softae_sparsity_is_fraction_of_exact_zeros(nets: dict, tmp_path: Path) 
 def test_explain_helper_rejects_networks_without_explain() -> None:
     with pytest.raises(TypeError, match="has no explain"):
         explain(torch.nn.Linear(2, 2), torch.zeros(1, 2))
+
+
+# -- net.explain(x).plot() on every network ---------------------------------------------------------
+SMALL = {"name": "resnet18s", "width": 8}
+
+
+def _small_build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A small instance of registered model ``name`` and an input batch of 2 for it."""
+    arch, defaults = registry._MODELS[name]
+    kwargs: dict[str, Any] = {} if arch == "soft_autoencoder" else {"num_classes": K}
+    if "backbone" in defaults:
+        kwargs["backbone"] = SMALL
+    if arch == "cw":
+        kwargs["concepts"] = CONCEPTS
+    if arch == "protopnet":
+        kwargs.update(prototypes_per_class=2, prototype_dim=8)
+    if name in ("baseline_mlp", "senn_mlp"):
+        kwargs["num_features"] = 6
+        x = torch.rand(2, 6)
+    else:
+        x = torch.rand(2, 1 if arch == "soft_autoencoder" else 3, 32, 32)
+    torch.manual_seed(0)
+    return create_model(name, **kwargs).eval(), x
+
+
+# one model name per registered network, each on its smallest backbone (every backbone of every method
+# is covered by tests/test_model_data_matrix.py; the big torchvision ones take minutes to build here)
+EXPLAIN_NAMES = [
+    n
+    for n in list_models()
+    if "backbone" not in registry._MODELS[n][1] or registry._MODELS[n][1]["backbone"]["name"] == "resnet18s"
+]
+
+
+def test_explain_names_cover_every_architecture() -> None:
+    assert {registry._MODELS[n][0] for n in EXPLAIN_NAMES} == set(registry.list_architectures())
+
+
+@pytest.mark.parametrize("name", EXPLAIN_NAMES)
+def test_explain_plot_on_every_network(name: str, tmp_path: Path) -> None:
+    """`net.explain(x).plot()` as the README writes it: one explanation for the batch, a Figure back."""
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    net, x = _small_build(name)
+    ex = net.explain(x)
+    assert isinstance(ex, Explanation), type(ex)
+    fig = ex.plot()
+    assert isinstance(fig, Figure) and fig.axes and fig.axes[0].has_data()
+    fig2 = ex.plot(index=1, path=tmp_path / "ex.png")
+    assert fig2 is not fig and (tmp_path / "ex.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(IndexError, match="out of range"):
+        ex.plot(index=2)
+    assert matplotlib.get_backend() == backend
+
+
+def test_plot_leaves_pyplot_and_the_backend_alone() -> None:
+    """A fresh process: plotting an explanation imports no pyplot and selects no backend."""
+    code = (
+        "import sys, torch, interpzoo\n"
+        "net = interpzoo.create_model('protopnet_resnet18s', num_classes=3,"
+        " backbone={'name': 'resnet18s', 'width': 8}, prototypes_per_class=1, prototype_dim=8)\n"
+        "fig = net.explain(torch.rand(2, 3, 32, 32)).plot(index=1)\n"
+        "import matplotlib\n"
+        "print(type(fig).__module__, type(fig).__name__, 'matplotlib.pyplot' in sys.modules,"
+        " matplotlib.rcParams['backend'])\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["matplotlib.figure", "Figure", "False", "svg"]
 
 
 # -- Captum ------------------------------------------------------------------------------------

@@ -506,15 +506,15 @@ def test_single_category_module_round_trips_hparams() -> None:
     from interpzoo.models.lit_icnn import ICNNModule
 
     info = {"num_classes": 10, "in_chans": 3, "mean": [0.5] * 3, "std": [0.25] * 3, "part_names": ["a", "b"]}
-    m = ICNNModule(arch="icnn", data_info=info, mode="single", target_class=4)
+    m = ICNNModule(net={"name": "icnn"}, data_info=info, mode="single", target_class=4)
     assert m.net.num_classes == 2 and m.task_labels(torch.tensor([4, 1])).tolist() == [1, 0]
     again = ICNNModule(**dict(m.hparams))
     assert again.net.num_classes == 2 and again.target_class == 4
     again.load_state_dict(m.state_dict())
     with pytest.raises(ValueError, match="target_class 12"):
-        ICNNModule(arch="icnn", data_info=info, mode="single", target_class=12)
+        ICNNModule(net={"name": "icnn"}, data_info=info, mode="single", target_class=12)
     with pytest.raises(ValueError, match="did you mean 'template_scale'"):
-        ICNNModule(arch="icnn", data_info=info, filter_loss={"template_scal": 2.0})
+        ICNNModule(net={"name": "icnn"}, data_info=info, filter_loss={"template_scal": 2.0})
 
 
 def test_cub_vgg16_experiment_composes_and_runs_fast_dev_run(make_cfg, tmp_path) -> None:
@@ -522,7 +522,7 @@ def test_cub_vgg16_experiment_composes_and_runs_fast_dev_run(make_cfg, tmp_path)
     from tests.conftest import fake_cub_fdr_overrides
 
     cfg = make_cfg(fake_cub_fdr_overrides("icnn_cub_vgg16", tmp_path))
-    assert cfg.model.backbone.name == "vgg16_bn" and cfg.model.metrics.landmark_ids == [0, 5, 13]
+    assert cfg.model.net.backbone.name == "vgg16_bn" and cfg.model.metrics.landmark_ids == [0, 5, 13]
     metrics = train(cfg)
     assert "test/acc" in metrics and "val/location_instability" in metrics  # CUB parts reach the metric
 

@@ -111,10 +111,10 @@ def test_write_report_dispatches_on_the_task_and_keeps_the_backend(
     import matplotlib
 
     backend = matplotlib.get_backend()
-    module = MyClassifier(arch="baseline_resnet18s", data_info=dm.data_info)
+    module = MyClassifier(net={"name": "baseline_resnet18s"}, data_info=dm.data_info)
     paths = write_report(module, dm, tmp_path / "figures")
     assert [p.name for p in paths] == ["confusion_matrix.png"] and paths[0].stat().st_size > 0
     assert matplotlib.get_backend() == backend
     assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
-    recon = ReconstructionModule(arch="softae", data_info={"in_chans": 3})
+    recon = ReconstructionModule(net={"name": "softae"}, data_info={"in_chans": 3})
     assert write_report(recon, dm, tmp_path / "none") == [] and not (tmp_path / "none").exists()

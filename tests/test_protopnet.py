@@ -295,7 +295,7 @@ def test_phases_warm_joint_push_last(tmp_path) -> None:
     dm.setup()
     torch.manual_seed(0)
     module = ProtoPNetModule(
-        model_args={
+        net={
             "prototypes_per_class": 2,
             "prototype_dim": 16,
             "backbone": {"name": "resnet18s", "width": 4},
@@ -503,7 +503,7 @@ def test_cub_recipe_composes_and_runs_fast_dev_run(make_cfg, tmp_path) -> None:
 
     cfg = make_cfg(fake_cub_fdr_overrides("protopnet_cub_resnet34", tmp_path))
     assert cfg.model.loss.sep == -0.08 and cfg.model.optim.joint.backbone == 1e-4
-    assert cfg.model.schedule.push_start == 10 and cfg.model.model_args.prototype_dim == 128
+    assert cfg.model.schedule.push_start == 10 and cfg.model.net.prototype_dim == 128
     assert cfg.trainer.max_epochs == 1  # fast_dev_run
     metrics = train(cfg)
     assert "test/acc" in metrics and "val/prototype_consistency" in metrics  # CUB keypoints reach the metrics

@@ -33,7 +33,6 @@ BASE = [
     "data.batch_size=32",
     "trainer.max_epochs=3",
     "trainer.accelerator=cpu",
-    "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "~callbacks.progress_bar",
     "~callbacks.model_summary",
@@ -57,7 +56,9 @@ def _cmd(run_dir: Path, extra: list[str]) -> list[str]:
 
 
 def _run(run_dir: Path, extra: list[str]) -> None:
-    proc = subprocess.run(_cmd(run_dir, extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        _cmd(run_dir, extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -80,7 +81,9 @@ def _run_and_kill(run_dir: Path, extra: list[str], kill_after_epoch: int) -> Non
             if last.is_file() and _last_epoch(last) == kill_after_epoch:
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-3000:]
+        assert proc.poll() is None, (
+            "the run ended before it could be killed: " + proc.stderr.read().decode()[-3000:]
+        )
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
@@ -159,7 +162,9 @@ def test_global_batch_sampler_union_over_ranks_is_the_single_process_batch(n: in
             want = one[step * batch : (step + 1) * batch]
             per = len(want) // 2
             got = [x for st in streams for x in st[step * batch // 2 : step * batch // 2 + per]]
-            assert got == want[: 2 * per]  # the slices of a step are the single-process batch (remainder skipped)
+            assert (
+                got == want[: 2 * per]
+            )  # the slices of a step are the single-process batch (remainder skipped)
     single.set_epoch(0)
     first = list(single)
     single.set_epoch(1)

@@ -208,9 +208,7 @@ def test_batchnorm_policies() -> None:
     from interpzoo.models.lit_senn import SENNModule
 
     mod = SENNModule(
-        arch="senn_resnet18s",
-        model_args={"batchnorm": "keep"},
-        backbone={"name": "resnet18s", "width": 8},
+        net={"name": "senn_resnet18s", "batchnorm": "keep", "backbone": {"name": "resnet18s", "width": 8}},
         data_info={"num_classes": 3, "in_chans": 3, "image_size": [16, 16]},
         lipschitz={"points": 0},
     )

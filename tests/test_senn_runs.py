@@ -165,7 +165,7 @@ def test_compas_recipe_on_a_file_in_its_format(make_cfg, tmp_path: Path) -> None
             *FAST,
         ]
     )
-    assert cfg.data.target == "score_factor" and cfg.model.model_args.single_logit_binary
+    assert cfg.data.target == "score_factor" and cfg.model.net.single_logit_binary
     train(cfg)
     net = load_pretrained(tmp_path / "bundle")
     assert net.n_concepts == 12  # 11 features + bias

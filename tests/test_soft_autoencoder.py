@@ -30,7 +30,7 @@ from tests.conftest import TINY_DATA
 # PartShapes renders its own per-pixel noise; a denoiser needs clean targets.
 DENOISE_DATA = [*TINY_DATA, "data.grayscale=true", "data.noise_std=0"]
 # A cheap encoder (stride 2 after the first stage) for runs that train several steps on 2 CPU cores.
-CHEAP_MODEL = ["model.model_args.stride=[1,2,2]", "model.model_args.widths=[8,16,32]"]
+CHEAP_MODEL = ["model.net.stride=[1,2,2]", "model.net.widths=[8,16,32]"]
 
 
 @pytest.fixture(autouse=True)
@@ -348,7 +348,7 @@ def test_module_rejects_bad_noise_and_non_autoencoders() -> None:
     with pytest.raises(ValueError, match="0..255 units"):
         SoftAutoencoderModule(noise_std=25, data_info={"in_chans": 1})
     with pytest.raises(TypeError, match="code_channels"):
-        SoftAutoencoderModule(arch="baseline_mlp", model_args={"num_classes": 2, "num_features": 3})
+        SoftAutoencoderModule(net={"name": "baseline_mlp", "num_classes": 2, "num_features": 3})
 
 
 def test_evaluation_noise_is_seeded_per_sample() -> None:

@@ -202,7 +202,7 @@ def test_study_searches_real_keys_and_persists(search: str) -> None:
     for key in sweeper.params:
         assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", f"{search}: no key {key}"
     method = search.removesuffix("_optuna")
-    assert cfg.model.arch == {"concept_whitening": "cw", "soft_autoencoder": "softae"}.get(method, method)
+    assert cfg.model.net.name == {"concept_whitening": "cw", "soft_autoencoder": "softae"}.get(method, method)
     assert cfg.optimized_metric in ("val/acc", "val/psnr")
 
 
@@ -232,7 +232,7 @@ def test_optuna_study_two_trials_and_resume(tmp_path: Path) -> None:
 
     trials = _study_trials(sweep / "optuna.db")
     assert len(trials) == 2 and all(state == "COMPLETE" for _, state, _, _ in trials)
-    keys = {"model.optimizer.lr", "model.optimizer.weight_decay", "model.model_args.dropout"}
+    keys = {"model.optimizer.lr", "model.optimizer.weight_decay", "model.net.dropout"}
     assert all(set(p) == keys for *_, p in trials) and trials[0][3] != trials[1][3]
 
     runs = sorted(sweep.glob("*/metrics.json"))
