@@ -127,7 +127,7 @@ def main() -> None:
 
     # 1. warm-up of the BN model
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    warm = ClassificationModule(arch="baseline_resnet18s", **common)
+    warm = ClassificationModule(net={"name": "baseline_resnet18s"}, **common)
     _trainer(args.warm_epochs).fit(warm, datamodule=dm)
     tmp = Path(tempfile.mkdtemp(prefix="cw_bench_"))
     bundle = save_pretrained(warm.net, tmp / "bn_warm", data_config=dm.data_info)
@@ -135,7 +135,7 @@ def main() -> None:
 
     # 2a. BN fine-tuning (the matched model)
     pl.seed_everything(args.seed + 1, workers=True, verbose=False)
-    bn = ClassificationModule(arch="baseline_resnet18s", **common)
+    bn = ClassificationModule(net={"name": "baseline_resnet18s"}, **common)
     bn.net.load_state_dict(warm.net.state_dict())
     t = time.time()
     tr = _trainer(args.ft_epochs)
@@ -146,8 +146,7 @@ def main() -> None:
     # 2b. CW fine-tuning from the same warm-up
     pl.seed_everything(args.seed + 1, workers=True, verbose=False)
     cw = ConceptWhiteningModule(
-        arch="cw_resnet18s",
-        model_args={"activation_mode": args.activation_mode, "grad_mode": args.grad_mode},
+        net={"name": "cw_resnet18s", "activation_mode": args.activation_mode, "grad_mode": args.grad_mode},
         concepts=list(args.concepts),
         align_every=args.align_every,
         init_from=str(bundle),

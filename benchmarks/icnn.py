@@ -36,9 +36,12 @@ def run_one(
 ) -> dict[str, Any]:
     pl.seed_everything(args.seed, workers=True, verbose=False)
     module = ICNNModule(
-        arch="icnn",
-        model_args={"use_mask": masked, "batch_norm": True},
-        backbone={"name": "resnet18s", "stage": "layer4", "width": args.width},
+        net={
+            "name": "icnn",
+            "use_mask": masked,
+            "batch_norm": True,
+            "backbone": {"name": "resnet18s", "stage": "layer4", "width": args.width},
+        },
         data_info=dm.data_info,
         mode=args.mode,
         target_class=args.target_class,

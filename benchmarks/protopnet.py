@@ -11,7 +11,7 @@ split are compared with the same metrics for
 Usage::
 
     python benchmarks/protopnet.py --n-train 4000 --epochs 4
-    python benchmarks/protopnet.py --n-train 4000 --epochs 4 model.backbone.stage=layer3   # 8x8 latent grid
+    python benchmarks/protopnet.py --n-train 4000 --epochs 4 model.net.backbone.stage=layer3   # 8x8 latent grid
 
 Prints a markdown table (paste it into ``benchmarks/protopnet_results.md``).
 """
@@ -98,7 +98,9 @@ def main() -> None:
     )
     ap.add_argument("--out", type=str, default=None, help="run folder (default: a temporary one)")
     ap.add_argument(
-        "overrides", nargs="*", help="extra Hydra overrides for both models, e.g. model.backbone.stage=layer3"
+        "overrides",
+        nargs="*",
+        help="extra Hydra overrides for both models, e.g. model.net.backbone.stage=layer3",
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

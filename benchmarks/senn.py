@@ -99,11 +99,11 @@ def main() -> None:
     recipes = {
         "digits": (
             ["data=digits", "data.image_size=32", f"trainer.max_epochs={args.digits_epochs}"],
-            ["model=baseline", "backbone=resnet18s", "model.backbone.width=8", "model.scheduler=null"],
+            ["model=baseline", "backbone=resnet18s", "model.net.backbone.width=8", "model.scheduler=null"],
         ),
         "breast_cancer": (
             ["data=breast_cancer", f"trainer.max_epochs={args.tabular_epochs}"],
-            ["model=baseline", "model.arch=baseline_mlp", "model.scheduler=null"],
+            ["model=baseline", "model.net.name=baseline_mlp", "model.scheduler=null"],
         ),
     }
     rows: list[tuple[str, str, dict[str, float], float]] = []

@@ -69,8 +69,7 @@ def train_and_test(
 ) -> dict[str, Any]:
     pl.seed_everything(args.seed, verbose=False)
     module = SoftAutoencoderModule(
-        arch=arch,
-        model_args={"widths": args.widths, "stride": args.stride, "kernel_size": 3},
+        net={"name": arch, "widths": args.widths, "stride": args.stride, "kernel_size": 3},
         data_info=dm.data_info,
         optimizer={"name": "adam", "lr": args.lr},
         scheduler=None,

@@ -131,7 +131,10 @@ def check_tabular_input(x: torch.Tensor, num_features: int) -> None:
         return
     if x.dim() != 2 or x.shape[1] != num_features:
         hint = " (add a batch dimension: x.unsqueeze(0))" if tuple(x.shape) == (num_features,) else ""
-        raise ValueError(f"expected tabular input (B, {num_features}), got shape {tuple(x.shape)}{hint}")
+        raise ValueError(
+            f"expected tabular input (B, {num_features}): {num_features} features per row, got shape "
+            f"{tuple(x.shape)}{hint}; pass the same feature columns the network was built with"
+        )
     if not x.is_floating_point():
         raise _dtype_error(x, "feature table", "x.float()")
     check_finite_range(x, None, "feature table")

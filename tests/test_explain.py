@@ -267,6 +267,7 @@ def test_explain_plot_on_every_network(name: str, tmp_path: Path) -> None:
     assert isinstance(ex, Explanation), type(ex)
     fig = ex.plot()
     assert isinstance(fig, Figure) and fig.axes and fig.axes[0].has_data()
+    assert fig._repr_png_()[:4] == b"\x89PNG"  # what Jupyter shows for `ex.plot()` whatever the backend
     fig2 = ex.plot(index=1, path=tmp_path / "ex.png")
     assert fig2 is not fig and (tmp_path / "ex.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(IndexError, match="out of range"):
