@@ -238,7 +238,7 @@ def _check_eval(command: str, work: Path, main_run: Path) -> None:
 def _check_train(command: str, work: Path, main_run: Path) -> None:
     run = _run_folder(_run(command, work))
     metrics = _metrics(run)
-    for name in ("test/acc", *(["test/concept_faithfulness"] if "model=senn" in command else [])):
+    for name in ("test/acc", *(["test/faithfulness"] if "model=senn" in command else [])):
         assert name in metrics, (name, sorted(metrics))
     assert (run / "bundle" / "config.json").is_file()
 
