@@ -13,20 +13,14 @@ from typing import Any
 from torch import nn
 
 from interpzoo.models import create_model, list_models, list_pretrained
+from interpzoo.models.registry import default_bundle
 
 dependencies = ["torch", "torchvision"]
 
 
 def _default_bundles() -> dict[str, str]:
-    """``{model name: its default shipped bundle}``.
-
-    Shipped bundles are named ``<model name>.<data>_s<seed>``; the default is the first by name (seed 0 of
-    the first data set).
-    """
-    defaults: dict[str, str] = {}
-    for bundle in list_pretrained():
-        defaults.setdefault(bundle.split(".", 1)[0], bundle)
-    return defaults
+    """``{model name: its default shipped bundle}`` (:func:`interpzoo.models.registry.default_bundle`)."""
+    return {bundle.split(".", 1)[0]: default_bundle(bundle.split(".", 1)[0]) for bundle in list_pretrained()}
 
 
 DEFAULT_BUNDLES = _default_bundles()
@@ -34,20 +28,6 @@ DEFAULT_BUNDLES = _default_bundles()
 
 def _entry(name: str):
     def build(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-        if pretrained is True:
-            if name not in DEFAULT_BUNDLES:
-                have = ", ".join(sorted(DEFAULT_BUNDLES)) or "none"
-                raise ValueError(
-                    f"{name!r} has no shipped pretrained bundle; pretrained=True works for {have}. "
-                    f"Load a bundle you trained with pretrained='<run>/bundle', or drop pretrained=True "
-                    f"for a freshly initialised {name}."
-                )
-            if kwargs:
-                raise ValueError(
-                    f"pretrained=True loads the bundle {DEFAULT_BUNDLES[name]!r} as it was trained; "
-                    f"constructor arguments ({', '.join(sorted(kwargs))}) cannot change it"
-                )
-            return create_model(DEFAULT_BUNDLES[name], pretrained=True)
         return create_model(name, pretrained=pretrained, **kwargs)
 
     build.__name__ = name

@@ -280,20 +280,38 @@ def resolve_task(info: dict[str, Any]) -> str:
     )
 
 
+def default_bundle(name: str) -> str:
+    """The shipped bundle ``pretrained=True`` loads for a model name: the first ``<name>.<data>_s<seed>``."""
+    for bundle in list_pretrained(f"{name}.*"):
+        return bundle
+    have = sorted({b.split(".", 1)[0] for b in list_pretrained()})
+    raise ValueError(
+        f"{name!r} has no shipped pretrained bundle; pretrained=True works for {', '.join(have) or 'none'}. "
+        f"Load a bundle you trained with pretrained='<run>/bundle', or drop pretrained=True for a freshly "
+        f"initialised {name}."
+    )
+
+
 def create_model(name: str, pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
     """Create a network by registered name, e.g. ``create_model("baseline_resnet18s", num_classes=10)``.
 
     Args:
         name: a model name (:func:`list_models`), an architecture name, or ``"name.tag"`` for a
             shipped pretrained bundle (:func:`list_pretrained`).
-        pretrained: ``True`` to load the shipped bundle ``name`` (needs a ``.tag``), or a bundle path.
+        pretrained: ``True`` to load the shipped bundle ``name`` (a ``name.tag``, or for a plain model name its
+            default bundle, :func:`default_bundle`), or a bundle path.
         **kwargs: constructor arguments overriding the registered defaults (nested dicts merge).
     """
     if pretrained or "." in name:
         from interpzoo.models.bundle import load_pretrained
 
         source = pretrained if isinstance(pretrained, str) else name
+        if pretrained is True and "." not in name:
+            source = default_bundle(name)
         if kwargs:
-            raise ValueError("constructor arguments cannot be changed when loading a pretrained bundle")
+            raise ValueError(
+                f"constructor arguments ({', '.join(sorted(kwargs))}) cannot change a pretrained bundle: it "
+                f"loads as it was trained; drop them, or drop pretrained= for a freshly initialised {name!r}"
+            )
         return load_pretrained(source)
     return build_model({"name": name, **{k: v for k, v in kwargs.items() if v is not None}})

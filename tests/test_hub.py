@@ -79,8 +79,18 @@ def test_hub_pretrained_true_without_a_shipped_bundle_names_those_with_one() -> 
 
 
 def test_hub_pretrained_true_refuses_constructor_arguments() -> None:
-    with pytest.raises(ValueError, match=r"cannot change it"):
+    with pytest.raises(ValueError, match=r"cannot change a pretrained bundle"):
         _hub("senn_mlp", pretrained=True, num_classes=5)
+
+
+def test_create_model_pretrained_true_loads_the_default_bundle() -> None:
+    import interpzoo
+
+    net = interpzoo.create_model("senn_mlp", pretrained=True)
+    ref = interpzoo.load_pretrained("senn_mlp.breast_cancer_s0")
+    assert net.bundle_config["metrics"] == ref.bundle_config["metrics"]
+    for (k, a), (_, b) in zip(net.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), k
 
 
 def test_hub_pretrained_path_and_shipped_name() -> None:
