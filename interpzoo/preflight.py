@@ -565,8 +565,8 @@ def run_folder_problems(out_dir: str | Path, cfg: DictConfig, entry: str | None 
     hint = f", resume it with ckpt_path={resume}" if entry != "eval" and resume.is_file() else ""
     return [
         f"the run folder {out} already holds another run's results ({', '.join(found)}), and a run never "
-        f"replaces them: leave hydra.run.dir out for a new timestamped folder or choose a new one{hint}, "
-        "or add overwrite=true to replace them"
+        f"replaces them: leave hydra.run.dir (hydra.sweep.dir with -m) out for a new timestamped folder or choose "
+        f"a new one{hint}, or add overwrite=true to replace them"
     ]
 
 
