@@ -66,6 +66,9 @@ class EvalConfig(RunConfig):
     """``conf/eval.yaml``: evaluate a checkpoint or a bundle folder on one split."""
 
     split: str = "test"
+    # eval exports and reports nothing; the debug presets set these for train.py
+    export: bool = False
+    report: bool = False
 
 
 def register_configs() -> None:

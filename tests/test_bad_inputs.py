@@ -51,7 +51,7 @@ class Cli:
     pre: bool = False  # refused before Hydra starts: the scratch folder stays empty
     absent: str | None = None  # a fragment that must not appear (e.g. the overwrite refusal)
     env: dict[str, str] = field(default_factory=dict)
-    traceback: bool = False  # asked for with HYDRA_FULL_ERROR=1 / INTERPZOO_VERBOSE=1
+    traceback: bool = False  # asked for: INTERPZOO_VERBOSE=1, or HYDRA_FULL_ERROR=1 inside a job
 
 
 @dataclass(frozen=True)
@@ -382,13 +382,20 @@ CLI = [
     ),
     # tracebacks on request, same exit code
     Cli(
-        "verbose-hydra-full-error",
+        "verbose-hydra-full-error-in-a-job",
+        "train.py",
+        f"-m seed=0 {TINY} model.optimizer.lr=inf",
+        r"the learning rate",
+        env={"HYDRA_FULL_ERROR": "1"},
+        traceback=True,
+    ),
+    Cli(
+        "hydra-full-error-leaves-the-pre-flight-short",
         "train.py",
         f"{TINY} model.optimizer.lr=inf",
         r"the learning rate",
         pre=True,
         env={"HYDRA_FULL_ERROR": "1"},
-        traceback=True,
     ),
     Cli(
         "verbose-interpzoo",
@@ -1105,3 +1112,32 @@ def test_resume_applies_and_says_a_loader_change(
     said = capsys.readouterr().out
     assert "changed settings (applied from the config)" in said
     assert "data.num_workers: the checkpoint was trained with num_workers 0, the config asks for 1" in said
+
+
+def test_a_dataloader_worker_error_loses_the_worker_traceback() -> None:
+    from interpzoo.cli import error_message
+    from interpzoo.datamodules.base import DataError
+
+    # what torch re-raises in the main process for an error in a DataLoader worker (num_workers > 0)
+    worker = DataError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in <module>\ninterpzoo.datamodules.base.DataError: cannot read image '
+        "'a.png': truncated. Delete or replace the file.\n"
+    )
+    assert error_message(worker) == "cannot read image 'a.png': truncated. Delete or replace the file."
+    assert error_message(DataError("plain")) == "plain"
+
+
+def test_ddp_child_ranks_skip_the_run_folder_check(
+    corpus: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omegaconf import OmegaConf
+
+    from interpzoo.preflight import ConfigError, check_run_folder
+
+    cfg = OmegaConf.create({"overwrite": False, "ckpt_path": None})
+    with pytest.raises(ConfigError, match="already holds another run's results"):
+        check_run_folder(corpus.run_metrics, cfg, "train")
+    # rank 0 checked before it wrote anything; the others start in the folder rank 0 is writing to
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    check_run_folder(corpus.run_metrics, cfg, "train")
