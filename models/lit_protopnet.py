@@ -102,7 +102,7 @@ _OPT_INDEX = {"warm": 0, "joint": 1, "last": 2}
 
 
 def _merge(defaults: dict[str, Any], given: dict[str, Any] | None, what: str) -> dict[str, Any]:
-    from interpzoo.models.errors import did_you_mean
+    from interpzoo.utils import did_you_mean
 
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
     for k, v in (given or {}).items():
