@@ -7,8 +7,8 @@ compose from any directory after a non-editable install. A user adds their own c
 Errors: the project's own errors (:class:`interpzoo.utils.UsageError` and its subclasses: ``ConfigError``,
 ``DataError``, ``CheckpointError``, ``BundleError``, ...) reach the user as one paragraph naming the problem
 and the fix, without a traceback, and the command exits with the error's ``exit_code`` (2 for a usage
-error). ``INTERPZOO_VERBOSE=1`` prints the traceback too; so does Hydra's own switch ``HYDRA_FULL_ERROR=1``
-for errors raised once Hydra runs the job (the pre-flight before it is about the command line). Checks run in three
+error). ``HYDRA_FULL_ERROR=1`` (Hydra's own switch) or ``INTERPZOO_VERBOSE=1`` prints the traceback too,
+with the same exit code. Checks run in three
 places, cheapest first: before Hydra starts (mistyped keys, config values, the run folder: nothing is
 created), inside the job before the training stack is imported (the same checks for every ``-m`` job),
 then in :mod:`interpzoo.run` (constructor arguments, data, checkpoints).
@@ -32,15 +32,14 @@ import interpzoo.conf
 from interpzoo.utils import UsageError
 
 CONF_DIR = str(Path(interpzoo.conf.__file__).resolve().parent)
-VERBOSE_VARIABLES = ("INTERPZOO_VERBOSE",)
+VERBOSE_VARIABLES = ("HYDRA_FULL_ERROR", "INTERPZOO_VERBOSE")
 
 _T = TypeVar("_T")
 
 
-def verbose(in_job: bool = False) -> bool:
-    """Whether the user asked for tracebacks: ``INTERPZOO_VERBOSE=1``, or in a job ``HYDRA_FULL_ERROR=1``."""
-    names = (*VERBOSE_VARIABLES, "HYDRA_FULL_ERROR") if in_job else VERBOSE_VARIABLES
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes") for v in names)
+def verbose() -> bool:
+    """Whether the user asked for tracebacks (``HYDRA_FULL_ERROR=1`` or ``INTERPZOO_VERBOSE=1``)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes") for v in VERBOSE_VARIABLES)
 
 
 def error_message(e: BaseException) -> str:
@@ -54,9 +53,9 @@ def error_message(e: BaseException) -> str:
     return text
 
 
-def exit_with(e: UsageError, in_job: bool = False) -> NoReturn:
+def exit_with(e: UsageError) -> NoReturn:
     """Print ``error: <message>`` (and the traceback when :func:`verbose`) and exit with ``e.exit_code``."""
-    if verbose(in_job):
+    if verbose():
         traceback.print_exc()
     print(f"error: {error_message(e)}", file=sys.stderr)
     sys.stderr.flush()
@@ -82,7 +81,7 @@ def _reporting(entry: str) -> Callable[[Callable[[DictConfig], _T]], Callable[[D
                 check_run_folder(HydraConfig.get().runtime.output_dir, cfg, entry)
                 return fn(cfg)
             except UsageError as e:
-                exit_with(e, in_job=True)
+                exit_with(e)
 
         return task
 

@@ -20,7 +20,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["UsageError", "atomic_open", "atomic_write_bytes", "atomic_write_text", "did_you_mean", "write_json"]
+__all__ = [
+    "UsageError",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "did_you_mean",
+    "write_json",
+]
 
 
 class UsageError(Exception):

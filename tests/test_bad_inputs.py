@@ -6,8 +6,8 @@ error class (API calls). Command lines run as subprocesses, ``python train.py ..
 from a scratch folder on tiny data, and must end with one paragraph (``error: ...``), exit code 2 for a
 usage error (1 for a run that failed on its own) and no traceback; rows marked ``pre`` are refused before
 Hydra starts, so nothing at all is created. Most command lines fail in the pre-flight in about a second;
-they run a few at a time. Network-input rows need the trunk input checks; until a network has them they
-are expected failures (``xfail``, not strict).
+they run a few at a time. A row whose check has not landed yet can be marked ``xfail=True`` (an expected
+failure, not strict) until it does.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from tests.conftest import ROOT, compose_config
 TINY = "debug=fdr model=baseline data.n_train=64 data.n_val=32 data.n_test=32"
 # the same model and data as the checkpoint trained by the `trained` fixture
 RESUME = "model=baseline data.n_train=64 data.n_val=32 data.n_test=32 data.batch_size=32 trainer.max_epochs=1"
-NETWORK_XFAIL = "network input checks land with the trunk base"
+NETWORK_XFAIL = "network input checks land with the trunk base"  # the reason of xfail=True rows
 # where the LightningModules take their network settings (model.net.name, model.net.backbone.width, ...)
 NET = "model.net"
 
@@ -51,7 +51,7 @@ class Cli:
     pre: bool = False  # refused before Hydra starts: the scratch folder stays empty
     absent: str | None = None  # a fragment that must not appear (e.g. the overwrite refusal)
     env: dict[str, str] = field(default_factory=dict)
-    traceback: bool = False  # asked for: INTERPZOO_VERBOSE=1, or HYDRA_FULL_ERROR=1 inside a job
+    traceback: bool = False  # asked for with HYDRA_FULL_ERROR=1 / INTERPZOO_VERBOSE=1
 
 
 @dataclass(frozen=True)
@@ -390,12 +390,13 @@ CLI = [
         traceback=True,
     ),
     Cli(
-        "hydra-full-error-leaves-the-pre-flight-short",
+        "verbose-hydra-full-error",
         "train.py",
         f"{TINY} model.optimizer.lr=inf",
         r"the learning rate",
         pre=True,
         env={"HYDRA_FULL_ERROR": "1"},
+        traceback=True,
     ),
     Cli(
         "verbose-interpzoo",
@@ -833,7 +834,6 @@ API = [
         _net("senn_mlp", lambda: torch.rand(2, 7), num_features=5, num_classes=2),
         r"feature",
         ValueError,
-        xfail=True,
     ),
 ]
 
