@@ -1,7 +1,6 @@
 """Reusable interpretable building blocks: pure PyTorch, no Lightning, no Hydra."""
 
 from interpzoo.layers.concept_whitening import ConceptWhitening2d, SyncConceptWhitening2d, pool_axes
-from interpzoo.layers.normalize import InputNormalize
 from interpzoo.layers.icnn import (
     FilterAssignment,
     FilterLossOutput,
@@ -11,6 +10,7 @@ from interpzoo.layers.icnn import (
     filter_loss,
     part_templates,
 )
+from interpzoo.layers.normalize import InputNormalize
 from interpzoo.layers.protopnet import (
     PrototypeLayer,
     avg_separation_cost,
