@@ -20,6 +20,16 @@ from interpzoo.layers.concept_whitening import SyncConceptWhitening2d
 __all__ = ["GlobalBatchNorm", "SyncBatchNormAndConceptWhitening"]
 
 
+def _take_state(new: Any, module: nn.Module) -> nn.Module:
+    """``new`` with ``module``'s state, train/eval mode, trainable flags and device (BatchNorm swaps)."""
+    new.load_state_dict(module.state_dict())
+    new.train(module.training)
+    if module.affine:
+        new.weight.requires_grad_(module.weight.requires_grad)
+        new.bias.requires_grad_(module.bias.requires_grad)
+    return new.to(_device(module))
+
+
 def _device(module: nn.Module) -> torch.device:
     return next((t.device for t in module.state_dict().values()), torch.device("cpu"))
 
@@ -78,12 +88,7 @@ class GlobalBatchNorm(_BatchNorm):
                 module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
             )
             new._original = type(module)
-            new.load_state_dict(module.state_dict())
-            new.train(module.training)
-            if module.affine:
-                new.weight.requires_grad_(module.weight.requires_grad)
-                new.bias.requires_grad_(module.bias.requires_grad)
-            return new.to(_device(module))
+            return _take_state(new, module)
         for name, child in module.named_children():
             module.add_module(name, cls.convert(child))
         return module
@@ -95,12 +100,7 @@ class GlobalBatchNorm(_BatchNorm):
             new: Any = module._original(
                 module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
             )
-            new.load_state_dict(module.state_dict())
-            new.train(module.training)
-            if module.affine:
-                new.weight.requires_grad_(module.weight.requires_grad)
-                new.bias.requires_grad_(module.bias.requires_grad)
-            return new.to(_device(module))
+            return _take_state(new, module)
         for name, child in module.named_children():
             module.add_module(name, cls.revert(child))
         return module
