@@ -148,7 +148,12 @@ class BaseDataModule(pl.LightningDataModule):
         return int(os.environ.get("PL_GLOBAL_SEED", self.seed))
 
     def _loader(
-        self, dataset: Dataset | None, shuffle: bool, drop_last: bool = False, train: bool = False
+        self,
+        dataset: Dataset | None,
+        shuffle: bool,
+        drop_last: bool = False,
+        train: bool = False,
+        shard: bool = True,
     ) -> DataLoader:
         if dataset is None:
             self.setup()
@@ -163,7 +168,9 @@ class BaseDataModule(pl.LightningDataModule):
             )
             persistent = False
         else:
-            sampler = EvalShardSampler(len(dataset), world, rank) if world > 1 else None
+            # shard=False: the caller gives this rank's shard already (push_dataloader); sharding it again
+            # would leave each rank 1/world of its shard
+            sampler = EvalShardSampler(len(dataset), world, rank) if world > 1 and shard else None
             persistent = self.num_workers > 0
         return DataLoader(
             dataset,
@@ -203,7 +210,7 @@ class BaseDataModule(pl.LightningDataModule):
         self.setup()
         if self.push_set is None:
             raise RuntimeError("setup() did not create the push split")
-        return self._loader(_shard(self.push_set, rank, world_size), shuffle=False)
+        return self._loader(_shard(self.push_set, rank, world_size), shuffle=False, shard=False)
 
     def concept_datasets(self, split: str = "train") -> dict[str, Dataset]:
         """One dataset of images per concept (concept whitening probe sets).

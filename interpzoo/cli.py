@@ -53,7 +53,7 @@ def error_message(e: BaseException) -> str:
     return text
 
 
-def exit_with(e: UsageError) -> NoReturn:
+def exit_with(e: BaseException) -> NoReturn:
     """Print ``error: <message>`` (and the traceback when :func:`verbose`) and exit with ``e.exit_code``."""
     if verbose():
         traceback.print_exc()
@@ -82,6 +82,12 @@ def _reporting(entry: str) -> Callable[[Callable[[DictConfig], _T]], Callable[[D
                 return fn(cfg)
             except UsageError as e:
                 exit_with(e)
+            except FloatingPointError as e:
+                from interpzoo.layers.concept_whitening import WhiteningDivergedError
+
+                if isinstance(e, WhiteningDivergedError):
+                    exit_with(e)
+                raise
 
         return task
 

@@ -67,7 +67,13 @@ DIVERGENCE_TOL = 0.05
 
 
 class WhiteningDivergedError(FloatingPointError):
-    """The Newton-Schulz whitening iteration diverged (the "T trap": :func:`iternorm_whitening_matrix`)."""
+    """The Newton-Schulz whitening iteration diverged (the "T trap": :func:`iternorm_whitening_matrix`).
+
+    ``interpzoo-train`` prints it as one paragraph and exits with :attr:`exit_code` 1 (the run failed on its
+    own, as a non-finite loss does); ``layers/`` imports nothing of the project, hence no common base class.
+    """
+
+    exit_code: int = 1
 
 
 def _dtype(value: torch.dtype | str) -> torch.dtype:

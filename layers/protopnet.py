@@ -64,7 +64,7 @@ def squared_l2_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Ten
 
     ``||z - p||^2 = ||z||^2 - 2 z.p + ||p||^2`` where ``||z||^2`` is a convolution of ``z^2`` with ones
     and ``z.p`` a convolution with the prototypes (reference ``_l2_convolution``). Always computed in
-    float32, also under autocast: ``||z||^2`` and ``||p||^2`` are large and nearly cancel, which fp16/bf16
+    float32 or wider, also under autocast: ``||z||^2`` and ``||p||^2`` are large and nearly cancel, which fp16/bf16
     cannot represent. Round-off can make the difference slightly negative, so it is clamped at 0.
 
     Args:
@@ -72,7 +72,7 @@ def squared_l2_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Ten
         prototypes: ``(P, D, h, w)``.
 
     Returns:
-        ``(B, P, H - h + 1, W - w + 1)`` float32 distances ``>= 0``.
+        ``(B, P, H - h + 1, W - w + 1)`` distances ``>= 0``, float32 (float64 for float64 inputs).
     """
     if z.dim() != 4 or prototypes.dim() != 4:
         raise ValueError(
@@ -89,9 +89,11 @@ def squared_l2_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Ten
             f"latent map {tuple(z.shape[2:])} is smaller than the prototype {tuple(prototypes.shape[2:])}; "
             "use larger inputs or an earlier backbone stage"
         )
+    # float32 at least (float64 models stay float64: two-process equality tests run in float64)
+    dtype = torch.promote_types(torch.promote_types(z.dtype, prototypes.dtype), torch.float32)
     with torch.autocast(device_type=z.device.type, enabled=False):
-        z32, p32 = z.float(), prototypes.float()
-        ones = torch.ones((1, *p32.shape[1:]), dtype=torch.float32, device=z.device)
+        z32, p32 = z.to(dtype), prototypes.to(dtype)
+        ones = torch.ones((1, *p32.shape[1:]), dtype=dtype, device=z.device)
         z2 = F.conv2d(z32 * z32, ones)  # (B, 1, H', W')
         zp = F.conv2d(z32, p32)  # (B, P, H', W')
         p2 = (p32 * p32).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)

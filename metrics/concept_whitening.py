@@ -97,7 +97,9 @@ class ConceptAUC(Metric):
     """Concept purity of ``K`` axes (metrics A.1.1); ``update(scores (B, K), labels (B,))``.
 
     Exact AUROC keeps every score (``cat`` states, all-gathered under DDP; fine for probe sets of up to
-    ~50k images). ``compute()`` returns ``{"auc": (K,), "fold_std": (K,)}``.
+    ~50k images). ``compute()`` returns ``{"auc": (K,), "fold_std": (K,)}``. Give ``update`` the images'
+    ``ids`` (unique per image) to make the folds independent of the order the images arrive in: under DDP
+    the gathered states are rank-major, so without ids the folds (not the AUC) depend on the process count.
     """
 
     is_differentiable = False
@@ -110,18 +112,25 @@ class ConceptAUC(Metric):
         self.folds = folds
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
+        self.add_state("ids", default=[], dist_reduce_fx="cat")
 
-    def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, scores: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         if scores.dim() != 2 or scores.shape[1] != self.num_concepts:
             raise ValueError(f"scores must be (B, {self.num_concepts}), got {tuple(scores.shape)}")
         self.scores.append(scores.detach().float())
         self.labels.append(labels.detach().long())
+        if ids is not None:
+            self.ids.append(ids.detach().long().reshape(-1))
 
     def compute(self) -> dict[str, torch.Tensor]:
         if isinstance(self.scores, list) and not self.scores:
             nan = torch.full((self.num_concepts,), float("nan"))
             return {"auc": nan, "fold_std": nan}
         scores, labels = dim_zero_cat(self.scores).cpu(), dim_zero_cat(self.labels).cpu()
+        ids = dim_zero_cat(self.ids).cpu() if not (isinstance(self.ids, list) and not self.ids) else None
+        if ids is not None and ids.numel() == labels.numel():
+            order = ids.argsort(stable=True)  # a canonical order: the folds do not depend on the ranks
+            scores, labels = scores[order], labels[order]
         auc, std = concept_aucs(scores, labels, self.num_concepts, self.folds)
         return {"auc": auc, "fold_std": std}
 

@@ -23,11 +23,11 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from interpzoo.utils import did_you_mean
+from interpzoo.utils import UsageError, did_you_mean
 
 
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained backbone weights are not available locally."""
+class PretrainedWeightsError(UsageError, RuntimeError):
+    """Pretrained backbone weights are not available locally (the message names where to put them)."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,10 @@ def _weights_file(weights_name: str) -> Path:
 def _load_state(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise PretrainedWeightsError(f"backbone weights file not found: {path}")
+        raise PretrainedWeightsError(
+            f"backbone weights file not found: {path}. Pass the path of an existing .pth or .safetensors state "
+            f"dict as backbone.pretrained=/path/to/weights.pth, or backbone.pretrained=false to start from scratch."
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -251,7 +251,7 @@ class ConceptWhiteningModule(ClassificationModule):
         while len(self._concept_drawn) <= j:
             self._concept_drawn.append(0)
         self._concept_drawn[j] += 1
-        return batch["image"].to(self.device)
+        return batch["image"].to(self.device, self.dtype)
 
     @torch.no_grad()
     def align_concepts(self) -> list[float]:
@@ -357,8 +357,13 @@ class ConceptWhiteningModule(ClassificationModule):
             base, (out.logits.argmax(1) != y).float(), torch.stack(losses, 1), torch.stack(errors, 1)
         )
 
-    def _concept_eval_loader(self, rank_shard: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(images, concept labels)`` batches of the fixed held-out concept subset (a shard per rank)."""
+    def _concept_eval_loader(
+        self, rank_shard: bool, with_ids: bool = False
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """``(images, concept labels[, ids])`` batches of the fixed held-out concept subset (a shard per rank).
+
+        ``ids`` (``with_ids``) are unique over the concepts, ``concept * 2**32 + index in its concept set``.
+        """
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if rank_shard else (1, 0)
         limit = 1 if self.trainer.fast_dev_run else None
         loaders = self.trainer.datamodule.concept_dataloaders(
@@ -374,8 +379,14 @@ class ConceptWhiteningModule(ClassificationModule):
             for i, batch in enumerate(loader):
                 if limit is not None and i >= limit:
                     break
-                x = batch["image"].to(self.device)
-                yield x, torch.full((x.shape[0],), j, dtype=torch.long, device=self.device)
+                x = batch["image"].to(self.device, self.dtype)
+                labels = torch.full((x.shape[0],), j, dtype=torch.long, device=self.device)
+                if not with_ids:
+                    yield x, labels
+                    continue
+                if "index" not in batch:
+                    raise KeyError("concept datasets must give each image its 'index' in the concept set")
+                yield x, labels, labels * 2**32 + batch["index"].to(self.device).long()
 
     @torch.no_grad()
     def _concept_metrics(self, stage: str) -> None:
@@ -383,9 +394,9 @@ class ConceptWhiteningModule(ClassificationModule):
         was_training = self.net.training
         self.net.eval()
         try:
-            for x, labels in self._concept_eval_loader(rank_shard=True):
+            for x, labels, ids in self._concept_eval_loader(rank_shard=True, with_ids=True):
                 out = self.net(x)
-                auc.update(out.concept_activations, labels)
+                auc.update(out.concept_activations, labels, ids)
                 sim.update(out.whitened.mean((2, 3)), labels)
         finally:
             self.net.train(was_training)
@@ -434,7 +445,7 @@ class ConceptWhiteningModule(ClassificationModule):
                 for i, batch in enumerate(loader):
                     if self.trainer.fast_dev_run and i >= 1:
                         break
-                    x = batch["image"].to(self.device)
+                    x = batch["image"].to(self.device, self.dtype)
                     yield x, torch.full((x.shape[0],), j, dtype=torch.long)
 
         # Every rank computes the same numbers from the full (small) sets: no collectives needed.

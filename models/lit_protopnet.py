@@ -389,6 +389,8 @@ class ProtoPNetModule(ClassificationModule):
         out = self._forward_phase(x, phase)
         losses = self.compute_losses(out, batch, "train")
         loss = torch.stack(list(losses.values())).sum()
+        # before the backward and the step: a NaN loss must not reach the weights
+        self.check_finite_loss(loss, losses, batch)
         if self.trainer.world_size > 1 and phase != "joint":
             # DDP expects a gradient for every parameter in every backward; frozen ones get an exact zero
             frozen = [p for m in self._frozen_modules(phase) for p in m.parameters()]
@@ -436,7 +438,7 @@ class ProtoPNetModule(ClassificationModule):
         for i, batch in enumerate(loader):
             if limit is not None and i >= limit:
                 break
-            logits = self.net(batch["image"].to(self.device)).logits
+            logits = self.net(batch["image"].to(self.device, self.dtype)).logits
             correct[0] += (logits.argmax(1) == batch["label"].to(self.device)).sum()
             correct[1] += logits.shape[0]
         self.net.train(was)

@@ -84,15 +84,17 @@ def _lexmin(distance: torch.Tensor, ids: torch.Tensor, locs: torch.Tensor) -> to
     return loc_key.argmin(0)
 
 
-def _empty_candidates(net: ProtoPNet, hw_latent: tuple[int, int], device: torch.device) -> PushCandidates:
+def _empty_candidates(
+    net: ProtoPNet, hw_latent: tuple[int, int], device: torch.device, dtype: torch.dtype = torch.float32
+) -> PushCandidates:
     p = net.num_prototypes
     layer = net.prototype_layer
     return PushCandidates(
-        distance=torch.full((p,), float("inf"), device=device),
+        distance=torch.full((p,), float("inf"), device=device, dtype=dtype),
         sample_id=torch.full((p,), _NO_ID, dtype=torch.long, device=device),
         location=torch.full((p,), _NO_ID, dtype=torch.long, device=device),
-        vector=torch.zeros((p, layer.dim, *layer.hw), device=device),
-        self_map=torch.zeros((p, *hw_latent), device=device),
+        vector=torch.zeros((p, layer.dim, *layer.hw), device=device, dtype=dtype),
+        self_map=torch.zeros((p, *hw_latent), device=device, dtype=dtype),
         image_size=torch.zeros(2, dtype=torch.long, device=device),
     )
 
@@ -151,7 +153,10 @@ def scan_push_candidates(
 
     Every batch is a dict with ``"image"`` ``(B, C, H, W)`` in ``[0, 1]``, ``"label"`` and ``"index"``.
     """
-    device = next(net.parameters()).device
+    param = next(net.parameters())
+    device = param.device
+    # the images in the network's own floating dtype (float64 runs; mixed precision keeps float32 weights)
+    dtype = param.dtype if param.dtype.is_floating_point else torch.float32
     classes = net.prototype_classes.to(device)
     ph, pw = net.prototype_layer.hw
     cand: PushCandidates | None = None
@@ -160,13 +165,13 @@ def scan_push_candidates(
             break
         if "index" not in batch:
             raise KeyError("push batches need an 'index' entry (the sample's position in the push set)")
-        x = batch["image"].to(device)
+        x = batch["image"].to(device, dtype=dtype)
         y = batch["label"].to(device)
         ids = batch["index"].to(device).long()
         z, d = net.push_forward(x)
         b, p, hp, wp = d.shape
         if cand is None:
-            cand = _empty_candidates(net, (hp, wp), device)
+            cand = _empty_candidates(net, (hp, wp), device, d.dtype)
             cand.image_size = torch.tensor(x.shape[2:], device=device)
         flat = d.flatten(2)
         loc = flat.argmin(2)  # (B, P): first minimum, i.e. the smallest flat location
@@ -187,7 +192,7 @@ def scan_push_candidates(
         j = better.nonzero().flatten()
         if j.numel() == 0:
             continue
-        patches = F.unfold(z.float(), (ph, pw))  # (B, D*ph*pw, L)
+        patches = F.unfold(z.to(d.dtype), (ph, pw))  # (B, D*ph*pw, L), float32 or wider as the distances
         src = patches[pick[j]]  # (n, D*ph*pw, L)
         vec = src.gather(2, bloc[j].view(-1, 1, 1).expand(-1, src.shape[1], 1)).squeeze(2)  # (n, D*ph*pw)
         # self-activation: distance of the chosen patch to every patch of its own image (exact, no

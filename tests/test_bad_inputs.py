@@ -72,6 +72,19 @@ CLI = [
     # config keys and values
     Cli("key-typo", "train.py", f"{TINY} trainer.max_epoch=3", r"did you mean 'max_epochs'", pre=True),
     Cli(
+        "pretrained-file-missing",
+        "train.py",
+        f"{TINY} {NET}.backbone.pretrained=/no/such/weights.pth",
+        r"backbone weights file not found: /no/such/weights\.pth\. Pass the path of an existing",
+    ),
+    Cli(
+        "pretrained-not-cached",
+        "train.py",
+        f"{TINY} {NET}.backbone.name=resnet18 {NET}.backbone.pretrained=true",
+        r"ImageNet weights for 'resnet18' are not in the local cache .*backbone\.pretrained=/path/to/weights\.pth",
+        env={"TORCH_HOME": "/nonexistent/torch_home"},  # no cached weights on any machine
+    ),
+    Cli(
         "lr-inf",
         "train.py",
         f"{TINY} model.optimizer.lr=inf",

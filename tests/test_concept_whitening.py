@@ -439,6 +439,7 @@ def _ddp_weights(shape: torch.Size, rank: int, world: int) -> torch.Tensor:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 def test_sync_layer_under_two_process_ddp_equals_single_process(tmp_path) -> None:
     import torch.multiprocessing as mp
 

@@ -158,6 +158,23 @@ def test_concept_metrics_match_brute_force() -> None:
         assert binary_auc(scores[:, j], labels == j) == pytest.approx(float(pairwise))
     assert torch.isfinite(res["fold_std"]).all()
 
+    # with ids, the folds do not depend on the order the images arrive in (rank-major under DDP)
+    ids = torch.arange(90)
+    shuffled = ConceptAUC(3)
+    order = torch.randperm(90, generator=g)
+    for i in range(0, 90, 32):
+        o = order[i : i + 32]
+        shuffled.update(scores[o], labels[o], ids[o])
+    in_order = ConceptAUC(3)
+    in_order.update(scores, labels, ids)
+    assert torch.equal(shuffled.compute()["fold_std"], in_order.compute()["fold_std"])
+    assert torch.equal(
+        in_order.compute()["fold_std"], res["fold_std"]
+    )  # ids sorted = the arrival order above
+    no_ids = ConceptAUC(3)
+    no_ids.update(scores[order], labels[order])
+    assert not torch.equal(no_ids.compute()["fold_std"], res["fold_std"])  # the folds did depend on order
+
     latents = torch.randn(90, 5, generator=g)
     sim = ConceptSimilarity(3, 5)
     sim.update(latents, labels)
@@ -212,6 +229,7 @@ def test_fast_dev_run(make_cfg) -> None:
     assert {f"test/concept_importance/{c}" for c in CONCEPTS} <= set(metrics)
 
 
+@pytest.mark.slow
 def test_short_training_learns_and_resume_keeps_the_rotation(make_cfg, tmp_path: Path) -> None:
     data = [
         "data.n_train=480",
@@ -317,6 +335,7 @@ class RankAgreement(Callback):
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 def test_two_process_ddp_sync_keeps_ranks_identical(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg(
         [

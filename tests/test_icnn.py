@@ -527,6 +527,7 @@ def test_cub_vgg16_experiment_composes_and_runs_fast_dev_run(make_cfg, tmp_path)
     assert "test/acc" in metrics and "val/location_instability" in metrics  # CUB parts reach the metric
 
 
+@pytest.mark.slow
 def test_short_training_learns_and_writes_part_figure(make_cfg, tmp_path) -> None:
     from interpzoo.run import train
 
@@ -616,6 +617,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 def test_filter_loss_and_metrics_global_under_two_process_ddp() -> None:
     """Global statistics (sync=True): loss, MI and DDP-averaged gradients equal one process with the whole
     batch; sync=False gives each rank the loss of its own shard; location instability merges top-M buffers
@@ -647,6 +649,7 @@ def test_filter_loss_and_metrics_global_under_two_process_ddp() -> None:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 def test_icnn_pipeline_under_ddp_sim(make_cfg, tmp_path) -> None:
     """The LightningModule under 2-process ddp_spawn: global filter loss (all-gather in the training step),
     all-reduced assignment updates, merged location-instability buffers, part IoU on the shared subset."""

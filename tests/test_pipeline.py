@@ -17,6 +17,7 @@ def _files(d: Path) -> set[str]:
     return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_train_writes_everything_and_beats_chance(make_cfg, tmp_path) -> None:
     cfg = make_cfg(
         [
@@ -139,6 +140,7 @@ def test_debug_presets(make_cfg, preset: str) -> None:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 def test_ddp_sim_two_processes(make_cfg, tmp_path) -> None:
     metrics = train(make_cfg(["trainer=ddp_sim", "trainer.max_epochs=1", "report=false", *TINY_DATA]))
     assert 0.0 <= metrics["test/acc"] <= 1.0
@@ -147,6 +149,7 @@ def test_ddp_sim_two_processes(make_cfg, tmp_path) -> None:
     # data.batch_size is global: each of the 2 ranks gets 16, so the step count equals single-process training
 
 
+@pytest.mark.slow
 def test_all_loggers_offline(make_cfg, tmp_path) -> None:
     cfg = make_cfg(
         [
@@ -165,6 +168,7 @@ def test_all_loggers_offline(make_cfg, tmp_path) -> None:
     assert "val/acc" in header and "test/acc" in header
 
 
+@pytest.mark.slow
 def test_multirun_from_command_line(tmp_path) -> None:
     import subprocess
     import sys

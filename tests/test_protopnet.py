@@ -509,6 +509,7 @@ def test_cub_recipe_composes_and_runs_fast_dev_run(make_cfg, tmp_path) -> None:
     assert "test/acc" in metrics and "val/prototype_consistency" in metrics  # CUB keypoints reach the metrics
 
 
+@pytest.mark.slow
 def test_short_training_learns_exports_and_explains(make_cfg, tmp_path) -> None:
     """joint, joint+push, last on 960 images (60 joint steps): learns, exports a pushed bundle, explains."""
     from interpzoo.models import load_checkpoint, load_pretrained
@@ -567,6 +568,7 @@ def _ddp_push_worker(rank: int, world: int, init_file: str, out_dir: str) -> Non
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 def test_push_under_two_process_ddp_equals_single_process(tmp_path) -> None:
     import torch.multiprocessing as mp
 
@@ -595,6 +597,7 @@ def test_push_under_two_process_ddp_equals_single_process(tmp_path) -> None:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 def test_lightning_ddp_sim_runs_every_phase_and_pushes_real_patches(make_cfg, tmp_path) -> None:
     """warm -> joint+push -> last under 2-process ddp_spawn: no unused-parameter errors, and the exported
     prototypes are exact latent patches of own-class push images."""
@@ -625,3 +628,65 @@ def test_lightning_ddp_sim_runs_every_phase_and_pushes_real_patches(make_cfg, tm
             item = dm.push_set[int(src[j])]
             assert int(item["label"]) == int(net.prototype_classes[j])
             assert float(net(item["image"].unsqueeze(0)).min_distances[0, j]) < 1e-5
+
+
+def test_nan_loss_stops_before_the_optimiser_step(tmp_path) -> None:
+    """ProtoPNet steps its optimisers by hand: a NaN loss must raise before ``opt.step`` touches a weight."""
+    from interpzoo.models.lit_base import NonFiniteLossError
+
+    dm = _tiny_dm()
+    dm.setup()
+    torch.manual_seed(0)
+    module = ProtoPNetModule(
+        net={"prototypes_per_class": 2, "prototype_dim": 16, "backbone": {"name": "resnet18s", "width": 4}},
+        data_info=dm.data_info,
+        schedule={"warm_epochs": 0, "push_start": None},
+        metrics={"enabled": False},
+    )
+    with torch.no_grad():
+        module.net.last_layer.weight[0, 0] = float("nan")  # the logits, hence the loss, are NaN
+    before = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(
+        NonFiniteLossError, match=r"the training loss became nan at step 0 .*loss terms: .*ce=nan"
+    ):
+        trainer.fit(module, datamodule=dm)
+    after = module.net.state_dict()
+    # BatchNorm running statistics move in the forward pass, as in any framework; the weights must not
+    frozen_stats = ("running_mean", "running_var", "num_batches_tracked")
+    changed = [
+        k
+        for k in before
+        if not k.endswith(frozen_stats)
+        and not torch.allclose(before[k].float(), after[k].float(), rtol=0, atol=0, equal_nan=True)
+    ]
+    assert changed == [], f"weights changed by a step on a NaN loss: {changed}"
+
+
+def test_push_loader_of_a_rank_is_its_whole_shard_under_ddp(monkeypatch) -> None:
+    """Under DDP ``push_dataloader(rank, world)`` is the rank's interleaved shard, every item once.
+
+    It used to be sharded twice (the shard, then the evaluation sampler of the rank): each rank scanned a
+    quarter of the push set with two processes, and push picked other patches than one process did.
+    """
+    dm = _tiny_dm()
+    dm.setup()
+    n = len(dm.push_set)
+    seen = []
+    for rank in range(2):
+        monkeypatch.setattr(type(dm), "_rank_world", lambda self, r=rank: (r, 2))
+        ids = torch.cat([b["index"] for b in dm.push_dataloader(rank, 2)]).tolist()
+        assert ids == list(range(rank, n, 2))
+        seen += ids
+    assert sorted(seen) == list(range(n))
+    # the default arguments give the whole set, also inside a DDP process
+    assert torch.cat([b["index"] for b in dm.push_dataloader()]).tolist() == list(range(n))

@@ -147,13 +147,14 @@ def _metrics(run: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A scratch folder laid out like a checkout for the commands: train.py, eval.py, .venv, table.csv."""
+    """A scratch folder laid out like a checkout for the commands: train.py, eval.py, .venv, table.csv/.tsv."""
     work = tmp_path_factory.mktemp("readme")
     for script in ("train.py", "eval.py"):
         shutil.copy(ROOT / script, work / script)
     (work / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
     rows = ["a,b,c,label"] + [f"{i % 7},{(i * 3) % 5},{i % 2 + 0.5},{int(i % 7 > 3)}" for i in range(120)]
     (work / "table.csv").write_text("\n".join(rows) + "\n")
+    (work / "table.tsv").write_text("\n".join(r.replace(",", "\t") for r in rows) + "\n")
     return work
 
 
@@ -253,6 +254,7 @@ RUN: dict[str, Callable[[str, Path, Path], None]] = {
     "interpzoo-eval ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt": _check_eval,
     "python train.py model=senn data=digits": _check_train,
     "python train.py model=senn data=csv path=table.csv target=label": _check_train,
+    "python train.py model=senn data=csv path=table.tsv target=label data.delimiter=tab": _check_train,
 }
 
 

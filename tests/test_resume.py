@@ -133,6 +133,11 @@ def _assert_same_run(a: Path, b: Path) -> None:
             ],
             id="protopnet_across_push",
         ),
+        # an alignment step every 2 batches: the kill lands between alignments, whose counter must resume
+        pytest.param(
+            ["model=concept_whitening", "model.align_every=2", "model.concept_eval_samples=16"],
+            id="concept_whitening_across_alignment",
+        ),
     ],
 )
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, extra) -> None:

@@ -211,6 +211,7 @@ def test_breast_cancer_learns_explains_and_round_trips(make_cfg, tmp_path: Path)
     )
 
 
+@pytest.mark.slow
 def test_partshapes_learned_concepts_learn(make_cfg, tmp_path: Path) -> None:
     metrics = train(
         make_cfg(
@@ -297,6 +298,7 @@ def test_metrics_reduce_exactly_over_two_gloo_processes() -> None:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 def test_ddp_training_and_metrics_match_one_process(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg(
         [

@@ -433,6 +433,7 @@ def test_short_run_learns_and_writes_report(make_cfg, tmp_path) -> None:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 def test_ddp_sim_matches_single_process_evaluation(make_cfg, tmp_path) -> None:
     from interpzoo.run import evaluate, train
 
