@@ -398,7 +398,7 @@ def methods_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
         label = (
             "senn, exact penalty (stopgrad)"
             if frac is None
-            else f"senn, sub-batch penalty ({frac:g} of the batch{', default' if frac == 0.125 else ''})"
+            else f"senn, sub-batch penalty ({frac:g} of the batch{', default' if frac == 0.0625 else ''})"
         )
         row = run(label, "senn unpenalised", {"m": senn, "p": plain}, sbatch, 64)
         row.pop("_t")

@@ -602,7 +602,7 @@ def robustness_loss(
 def subbatch_robustness_loss(
     forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
     x: torch.Tensor,
-    fraction: float = 0.125,
+    fraction: float = 0.0625,
     *,
     generator: torch.Generator | None = None,
     target: str = "logits",

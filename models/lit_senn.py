@@ -110,7 +110,7 @@ class SENNModule(ClassificationModule):
         penalty_target: str = "logits",
         penalty_reduction: str = "mean",
         penalty_method: str = "stopgrad",
-        penalty_subbatch: float = 0.125,
+        penalty_subbatch: float = 0.0625,
         penalty_space: str = "normalized",
         recon_weight: float = 1.0,
         sparsity_weight: float = 2e-5,

@@ -71,6 +71,14 @@ class Api:
 CLI = [
     # config keys and values
     Cli("key-typo", "train.py", f"{TINY} trainer.max_epoch=3", r"did you mean 'max_epochs'", pre=True),
+    # a run that fails on its own: exit code 1, one paragraph
+    Cli(
+        "cw-whitening-diverges",
+        "train.py",
+        f"{TINY.replace('model=baseline', 'model=concept_whitening')} {NET}.T=40 {NET}.guard=raise",
+        r"the Newton-Schulz iteration diverged at T=40.*keep T=10 or lower it",
+        code=1,
+    ),
     Cli(
         "pretrained-file-missing",
         "train.py",
