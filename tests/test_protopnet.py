@@ -632,6 +632,7 @@ def test_lightning_ddp_sim_runs_every_phase_and_pushes_real_patches(make_cfg, tm
 
 def test_nan_loss_stops_before_the_optimiser_step(tmp_path) -> None:
     """ProtoPNet steps its optimisers by hand: a NaN loss must raise before ``opt.step`` touches a weight."""
+    from interpzoo.api import quiet_trainer
     from interpzoo.models.lit_base import NonFiniteLossError
 
     dm = _tiny_dm()
@@ -646,16 +647,7 @@ def test_nan_loss_stops_before_the_optimiser_step(tmp_path) -> None:
     with torch.no_grad():
         module.net.last_layer.weight[0, 0] = float("nan")  # the logits, hence the loss, are NaN
     before = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_epochs=1, default_root_dir=tmp_path)
     with pytest.raises(
         NonFiniteLossError, match=r"the training loss became nan at step 0 .*loss terms: .*ce=nan"
     ):
