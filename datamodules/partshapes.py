@@ -65,6 +65,13 @@ SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 PROBE_SPLIT_OFFSET = 100
 FAMILIES: tuple[str, ...] = ("shape", "colour", "texture")
 _N_CANDIDATES = 8  # distractor position candidates per distractor
+# texture as an adjective in class display names; solid is the unmarked case and is left out
+_TEXTURE_WORDS: dict[str, str] = {
+    "hstripes": "h-striped",
+    "vstripes": "v-striped",
+    "checker": "checked",
+    "dots": "dotted",
+}
 
 
 def _split_id(split: str) -> int:
@@ -370,6 +377,19 @@ class PartShapesRenderer:
         k, nd = self.num_slots, self.num_distractors
         self._n_u = 7 + k + 6 + 1 + nd * (4 + 2 * _N_CANDIDATES) + 4
 
+    def with_pose(self, random_rotation: bool = True, centre_jitter: float = 0.12) -> PartShapesRenderer:
+        """A copy that draws the same classes, colours and noise with a varied pose: the layout rotates
+        uniformly and the creature moves by ``+-centre_jitter`` of the image side.
+
+        Part-location metrics are read on such data: on the default layout a part sits within ~2 px of the
+        same place in every image, so a detector that always fires at one location looks like a part
+        detector. With the pose varied, such a detector scores at chance.
+        """
+        out = copy.copy(self)
+        out.random_rotation = bool(random_rotation)
+        out.centre_jitter = float(centre_jitter)
+        return out
+
     # -- vocabulary, classes, concepts ------------------------------------------------------------
     def _size_range(self, rng: tuple[float, float]) -> list[int]:
         lo = max(3, round(rng[0] * self.image_size))
@@ -408,6 +428,27 @@ class PartShapesRenderer:
     @property
     def class_names(self) -> list[str]:
         return [f"class_{c:02d}" for c in range(self.num_classes)]
+
+    @property
+    def class_display_names(self) -> list[str]:
+        """Short readable class labels for figures, e.g. ``"c3: red h-striped circle head"``.
+
+        Each class is named after its most distinctive part: the slot whose (shape, colour, texture)
+        triple the fewest other classes share in that slot (ties: the lowest slot index, so the name is a
+        deterministic function of the class table). The ``c<index>:`` prefix keeps the names unique even
+        when two classes' distinctive parts coincide. Figures only: :attr:`class_names` (``class_07``) is
+        what :attr:`class_hash` and shipped bundles use, and it does not change.
+        """
+        table = self._classes  # (C, K, 3)
+        # shared[c, k]: other classes with the same triple in slot k (the class itself subtracted)
+        shared = (table[:, None] == table[None]).all(-1).sum(1) - 1  # (C, K)
+        names = []
+        for c in range(self.num_classes):
+            k = int(np.argmin(shared[c]))  # argmin takes the first minimum: the lowest slot on ties
+            shape, colour, texture = (int(v) for v in table[c, k])
+            words = [self.colours[colour], _TEXTURE_WORDS.get(self.textures[texture], ""), self.shapes[shape]]
+            names.append(f"c{c}: {' '.join(w for w in words if w)} {self.part_names[k]}")
+        return names
 
     def class_definitions(self) -> dict[str, Any]:
         """JSON-serialisable class definitions (vocabulary, slots and each class's parts)."""

@@ -58,6 +58,10 @@ class PartShapesDataModule(BaseDataModule):
         scale_range: part size as a fraction of the image side.
         position_jitter: per-part position jitter sigma as a fraction of the image side.
         random_rotation: randomly rotate the layout (slot position uninformative).
+        pose: ``"fixed"`` (the default layout: parts move by ~2 px between images) or ``"varied"`` (every
+            split drawn like :meth:`ground_truth_dataset`: random rotation, the creature moved by up to 12 %
+            of the side), so that a part is no longer where it usually is. Part-location scores are read on
+            varied poses; a model trained on fixed poses is out of distribution there.
         cache: pre-render every split into memory at setup.
         return_concept_masks: add ``"concept_masks"`` ``(N, H, W)`` to every item.
         batch_size, num_workers, pin_memory: loader settings (see :class:`BaseDataModule`).
@@ -89,6 +93,7 @@ class PartShapesDataModule(BaseDataModule):
         scale_range: Sequence[float] = (0.19, 0.26),
         position_jitter: float = 0.02,
         random_rotation: bool = False,
+        pose: str = "fixed",
         cache: bool = False,
         return_concept_masks: bool = False,
         batch_size: int = 64,
@@ -121,6 +126,13 @@ class PartShapesDataModule(BaseDataModule):
             part_dropout=part_dropout,
             spurious_rho=spurious_rho,
         )
+        if pose not in ("fixed", "varied"):
+            raise DataError(
+                f"data.pose={pose!r}: use 'fixed' (the default layout) or 'varied' (random rotation and position)"
+            )
+        self.pose = pose
+        if pose == "varied":
+            self.renderer = self.renderer.with_pose()
         self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
         self.grayscale = bool(grayscale)
         self.cache = bool(cache)
@@ -201,6 +213,19 @@ class PartShapesDataModule(BaseDataModule):
             "feature_names": None,
             "class_hash": self.class_hash,
         }
+
+    # -- ground truth for the scorecard ----------------------------------------------------------
+    def ground_truth_dataset(self, n: int = 500, split: str = "test") -> PartShapesDataset:
+        """``n`` held-out images of ``split`` with the pose varied (:meth:`PartShapesRenderer.with_pose`).
+
+        Same classes, vocabulary and noise as the training data, but the layout rotates and moves, so a
+        location is no proxy for a part; every item carries ``part_masks``, ``landmarks`` and ``concepts``.
+        """
+        if split not in ("val", "test"):
+            raise DataError(f"the ground-truth split must be 'val' or 'test', got {split!r}")
+        return PartShapesDataset(
+            self.renderer.with_pose(), split, int(n), cache=True, grayscale=self.grayscale
+        )
 
     # -- concept probe sets -------------------------------------------------------------------
     def concept_datasets(self, split: str = "train") -> dict[str, Dataset]:

@@ -380,8 +380,12 @@ def pool_axes(z: Tensor, mode: str = "pool_max") -> Tensor:
 
     * ``mean``: spatial mean; ``max``: spatial max;
     * ``pos_mean``: sum of the positive entries over (their count + 1e-4);
-    * ``pool_max``: 3x3 / stride-3 max-pooling (trailing rows and columns that do not fill a window
-      are ignored, as in the reference code), then the mean over windows.
+    * ``pool_max``: 3x3 / stride-3 block max, then the mean over the blocks (Chen, Bei & Rudin 2020,
+      Sec. 3 "Concept whitening module": the activation of a concept is a max-pooled feature map,
+      averaged). The blocks tile the *whole* map: when ``H`` or ``W`` is not a multiple of 3 the last
+      block row / column is narrower (``ceil_mode``: the max over the cells that exist, i.e. ``-inf``
+      padding). The reference code's ``F.max_pool2d(z, 3, 3)`` drops those cells instead: on an 8x8 map
+      it reads rows and columns 0-5 only, which on PartShapes are where body and wing centres lie.
 
     Differentiable: its gradient with respect to ``R`` is what ``grad_mode="exact"`` accumulates.
     """
@@ -395,7 +399,7 @@ def pool_axes(z: Tensor, mode: str = "pool_max") -> Tensor:
         return F.relu(z).sum((2, 3)) / ((z > 0).sum((2, 3)) + 1e-4)
     if mode == "pool_max":
         _check_pool_max(z.shape[2], z.shape[3])
-        return F.max_pool2d(z, kernel_size=3, stride=3).mean((2, 3))
+        return F.max_pool2d(z, kernel_size=3, stride=3, ceil_mode=True).mean((2, 3))
     raise ValueError(f"activation_mode must be one of {ACTIVATION_MODES}, got {mode!r}")
 
 
@@ -409,11 +413,9 @@ def _masks(z: Tensor, mode: str) -> tuple[Tensor, Tensor]:
         mask = (z > 0).to(z.dtype)
         return mask, mask.sum((2, 3), keepdim=True) + 1e-4
     _check_pool_max(h, w)
-    h3, w3 = h - h % 3, w - w % 3
-    _, idx = F.max_pool2d(z[:, :, :h3, :w3], kernel_size=3, stride=3, return_indices=True)
-    # Indices address the cropped (h3, w3) plane; scatter the arg-max cells back into (h, w).
-    rows, cols = idx // w3, idx % w3
-    flat = (rows * w + cols).flatten(2)
+    # the same blocks as pool_axes (ceil_mode: the last, narrower ones included); indices address (h, w)
+    _, idx = F.max_pool2d(z, kernel_size=3, stride=3, ceil_mode=True, return_indices=True)
+    flat = idx.flatten(2)
     mask = torch.zeros(b, c, h * w, dtype=z.dtype, device=z.device)
     mask.scatter_(2, flat, 1.0)
     return mask.view(b, c, h, w), mask.new_full((b, c, 1, 1), float(flat.shape[2]))

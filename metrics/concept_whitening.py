@@ -1,9 +1,18 @@
 """Concept whitening metrics (Chen, Bei & Rudin, "Concept whitening for interpretable image recognition",
 Nature Machine Intelligence 2(12):772-782, 2020). Tensors in, numbers out.
 
-* :class:`ConceptAUC`: concept purity, the one-vs-all AUC of an axis score on held-out concept images
+* :class:`ConceptAUC`: concept purity, the AUC of an axis score on held-out concept images
   (paper Fig. 4; reference ``plot_auc_cw``), exact (Mann-Whitney with ties) from
-  all-gathered scores, plus the std over 5 random folds of the reference protocol;
+  all-gathered scores, plus the std over 5 random folds of the reference protocol. Labels are either the
+  probe set's index (the reference protocol: one-vs-all) or, better, each image's multi-hot concept vector
+  ``(N, K)``: with index labels a probe "negative" can show the concept (a PartShapes ``has_striped`` probe
+  of ``has_red`` is red 15 % of the time), which caps a perfect detector's AUC at ``1 - q/2`` for a
+  fraction ``q`` of such negatives (:func:`concept_auc_ceiling`);
+* the scorecard's reference points (:mod:`interpzoo.metrics.calibration`): :func:`concept_auc_ceiling`
+  (the ground-truth indicator as the score), :func:`random_directions`, :func:`project_and_pool` and
+  :func:`random_direction_aucs` (random unit directions in the whitened space, the chance level of an
+  axis), :func:`intervention_accuracy` / :func:`intervention_effect` (does an axis follow a causal
+  intervention on the rendered concept);
 * :func:`best_filter_auc` and :func:`linear_probe_auc`: the baselines on the matched BN model
   (reference ``plot_auc_filter`` and ``plot_auc_lm``, a TCAV-style concept activation vector);
 * :class:`ConceptSimilarity`: the inter-concept cosine-similarity matrix and its mean off-diagonal
@@ -34,8 +43,15 @@ __all__ = [
     "WhiteningCorrelation",
     "best_filter_auc",
     "binary_auc",
+    "concept_auc_ceiling",
     "concept_aucs",
+    "concept_targets",
+    "intervention_accuracy",
+    "intervention_effect",
     "linear_probe_auc",
+    "project_and_pool",
+    "random_direction_aucs",
+    "random_directions",
     "rotation_orthogonality_error",
 ]
 
@@ -65,28 +81,41 @@ def binary_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     return float(binary_auroc(s, p.long(), validate_args=False))
 
 
+def concept_targets(labels: torch.Tensor, num_concepts: int) -> torch.Tensor:
+    """``(N, K)`` bool positives per concept from ``(N,)`` probe-set indices (one-hot, the reference
+    protocol) or from ``(N, K)`` multi-hot concept vectors (returned as bool)."""
+    if labels.dim() == 1:
+        return torch.nn.functional.one_hot(labels.long(), num_concepts).bool()
+    if labels.dim() != 2 or labels.shape[1] != num_concepts:
+        raise ValueError(f"labels must be (N,) or (N, {num_concepts}), got {tuple(labels.shape)}")
+    return labels.bool()
+
+
 def concept_aucs(
     scores: torch.Tensor, labels: torch.Tensor, num_concepts: int, folds: int = 5, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-concept one-vs-all AUC of ``scores[:, j]`` for ``labels == j``, and its std over folds.
+    """Per-concept AUC of ``scores[:, j]`` for the positives of concept ``j``, and its std over folds.
 
     Args:
         scores: ``(N, K)`` axis scores.
-        labels: ``(N,)`` concept index of each image.
+        labels: ``(N,)`` concept (probe set) index of each image, one-vs-all; or ``(N, K)`` multi-hot
+            concept vectors: the positives of concept ``j`` are the images that show it, the negatives
+            those that do not (see :func:`concept_auc_ceiling` for why this matters).
         folds: the reference code shuffles and splits into 5 disjoint folds and reports mean +- std.
 
     Returns:
         ``(auc (K,), fold_std (K,))``: AUC on all images, std of the per-fold AUCs.
     """
+    targets = concept_targets(labels, num_concepts)
     auc = torch.tensor(
-        [binary_auc(scores[:, j], labels == j) for j in range(num_concepts)], dtype=torch.float64
+        [binary_auc(scores[:, j], targets[:, j]) for j in range(num_concepts)], dtype=torch.float64
     )
     std = torch.full((num_concepts,), float("nan"), dtype=torch.float64)
     if folds > 1 and len(labels) >= 2 * folds:
         perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
         parts = perm.chunk(folds)
         per_fold = torch.tensor(
-            [[binary_auc(scores[idx, j], labels[idx] == j) for j in range(num_concepts)] for idx in parts],
+            [[binary_auc(scores[idx, j], targets[idx, j]) for j in range(num_concepts)] for idx in parts],
             dtype=torch.float64,
         )
         std = torch.from_numpy(np.nanstd(per_fold.numpy(), axis=0))
@@ -94,7 +123,10 @@ def concept_aucs(
 
 
 class ConceptAUC(Metric):
-    """Concept purity of ``K`` axes (metrics A.1.1); ``update(scores (B, K), labels (B,))``.
+    """Concept purity of ``K`` axes (metrics A.1.1); ``update(scores (B, K), labels (B,) or (B, K))``.
+
+    ``labels`` are probe-set indices (one-vs-all, the reference protocol) or multi-hot concept vectors
+    (positives = images that show the concept); both are kept as ``(B, K)`` targets.
 
     Exact AUROC keeps every score (``cat`` states, all-gathered under DDP; fine for probe sets of up to
     ~50k images). ``compute()`` returns ``{"auc": (K,), "fold_std": (K,)}``. Give ``update`` the images'
@@ -118,7 +150,7 @@ class ConceptAUC(Metric):
         if scores.dim() != 2 or scores.shape[1] != self.num_concepts:
             raise ValueError(f"scores must be (B, {self.num_concepts}), got {tuple(scores.shape)}")
         self.scores.append(scores.detach().float())
-        self.labels.append(labels.detach().long())
+        self.labels.append(concept_targets(labels.detach(), self.num_concepts).long())
         if ids is not None:
             self.ids.append(ids.detach().long().reshape(-1))
 
@@ -128,7 +160,7 @@ class ConceptAUC(Metric):
             return {"auc": nan, "fold_std": nan}
         scores, labels = dim_zero_cat(self.scores).cpu(), dim_zero_cat(self.labels).cpu()
         ids = dim_zero_cat(self.ids).cpu() if not (isinstance(self.ids, list) and not self.ids) else None
-        if ids is not None and ids.numel() == labels.numel():
+        if ids is not None and ids.numel() == labels.shape[0]:
             order = ids.argsort(stable=True)  # a canonical order: the folds do not depend on the ranks
             scores, labels = scores[order], labels[order]
         auc, std = concept_aucs(scores, labels, self.num_concepts, self.folds)
@@ -232,13 +264,18 @@ def best_filter_auc(
 
     Args:
         scores: ``(N, C)`` pooled channel activations of the matched BN model at the same layer.
+        labels: ``(N,)`` probe-set indices or ``(N, K)`` multi-hot concept vectors (:func:`concept_aucs`).
 
     Returns:
         ``(auc (K,), channel (K,))``. Selected on the evaluation images themselves, as the reference
         code does, so the baseline is optimistic.
     """
+    targets = concept_targets(labels, num_concepts)
     aucs = torch.tensor(
-        [[binary_auc(scores[:, c], labels == j) for c in range(scores.shape[1])] for j in range(num_concepts)]
+        [
+            [binary_auc(scores[:, c], targets[:, j]) for c in range(scores.shape[1])]
+            for j in range(num_concepts)
+        ]
     )
     best = aucs.nan_to_num(-1.0).argmax(1)
     return aucs.gather(1, best[:, None]).squeeze(1), best
@@ -254,11 +291,12 @@ def linear_probe_auc(
 ) -> torch.Tensor:
     """Baseline "linear probe / CAV" (TCAV, Kim et al. 2018; reference ``plot_auc_lm``).
 
-    For each concept a logistic regression separates its training images from the other concepts'
+    For each concept a logistic regression separates its positive training images from the rest
     (features standardised); test images are scored by the probe's decision value ``x . cav + b``.
     The reference trains on the flattened map of 9 concept batches against 9 random Places batches;
-    here the features are spatially averaged and the negatives are the other concepts (same labels
-    as the AUC).
+    here the features are spatially averaged and the labels are the AUC's: ``(N,)`` probe-set indices
+    (negatives = the other concepts' probes) or ``(N, K)`` multi-hot concept vectors (negatives = the
+    probe images that do not show the concept).
 
     Returns:
         ``(K,)`` AUC per concept.
@@ -266,17 +304,19 @@ def linear_probe_auc(
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
+    train_t = concept_targets(train_y, num_concepts).cpu()
+    test_t = concept_targets(test_y, num_concepts).cpu()
     xtr, xte = train_x.double().cpu().numpy(), test_x.double().cpu().numpy()
     scaler = StandardScaler().fit(xtr)
     xtr, xte = scaler.transform(xtr), scaler.transform(xte)
     out = []
     for j in range(num_concepts):
-        ytr = (train_y == j).cpu().numpy()
+        ytr = train_t[:, j].numpy()
         if ytr.all() or not ytr.any():
             out.append(float("nan"))
             continue
         probe = LogisticRegression(max_iter=2000, random_state=seed).fit(xtr, ytr)
-        out.append(binary_auc(torch.from_numpy(probe.decision_function(xte)), test_y == j))
+        out.append(binary_auc(torch.from_numpy(probe.decision_function(xte)), test_t[:, j]))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -309,3 +349,97 @@ class PermutationImportance(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         n = self.n.clamp(min=1)
         return {"loss_increase": self.d_loss / n, "error_increase": self.d_err / n}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scorecard reference points: oracle ceiling, random directions, causal interventions
+# ---------------------------------------------------------------------------------------------
+def concept_auc_ceiling(truth: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """``(K,)`` AUC of the oracle: the ground-truth concept indicator ``truth`` ``(N, K)`` used as the score.
+
+    With the labels taken from the concept vectors (``labels=None``: ``truth`` itself) the oracle separates
+    every positive from every negative: 1 wherever both classes occur. With probe-set index labels
+    ``(N,)`` a fraction ``q`` of concept ``j``'s negatives show the concept too and tie with the positives,
+    so the oracle scores ``1 - q/2`` (the cap the concept-vector labels remove).
+    """
+    k = truth.shape[1]
+    targets = concept_targets(truth if labels is None else labels, k)
+    return torch.tensor(
+        [binary_auc(truth[:, j].double(), targets[:, j]) for j in range(k)], dtype=torch.float64
+    )
+
+
+def random_directions(dim: int, num: int = 16, seed: int = 0, antithetic: bool = True) -> torch.Tensor:
+    """``(num, dim)`` float64 random unit vectors (uniform on the sphere), seeded.
+
+    ``antithetic``: the second half are the negatives of the first. A random direction and its negative are
+    equally likely, so this is an unbiased draw of the chance level with less variance; for a score that is
+    odd in the direction (``mean`` pooling) each pair's AUCs sum to 1 and its intervention accuracies to 1.
+    """
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    g = torch.Generator().manual_seed(int(seed))
+    half = (num + 1) // 2 if antithetic else num
+    u = torch.nn.functional.normalize(torch.randn(half, dim, generator=g, dtype=torch.float64), dim=1)
+    return torch.cat([u, -u])[:num] if antithetic else u
+
+
+def project_and_pool(z: torch.Tensor, directions: torch.Tensor, mode: str) -> torch.Tensor:
+    """``phi(u_d . z)`` of each direction: ``z`` ``(B, C, H, W)``, ``directions`` ``(D, C)`` to ``(B, D)``.
+
+    The axis score of the concept-whitening layer (``pool_axes`` with the layer's activation mode, Chen,
+    Bei & Rudin 2020 Sec. 3) read along arbitrary unit directions instead of the aligned axes.
+    """
+    from interpzoo.layers.concept_whitening import pool_axes
+
+    proj = torch.einsum("dc,bchw->bdhw", directions.to(z), z)
+    return pool_axes(proj, mode)
+
+
+def random_direction_aucs(scores: torch.Tensor, labels: torch.Tensor, num_concepts: int) -> torch.Tensor:
+    """``(K,)`` mean over ``D`` random directions of the AUC of ``scores[:, d]`` for concept ``j``.
+
+    Args:
+        scores: ``(N, D)`` pooled scores of the random directions (:func:`project_and_pool`).
+        labels: ``(N,)`` probe-set indices or ``(N, K)`` multi-hot concept vectors.
+    """
+    targets = concept_targets(labels, num_concepts)
+    aucs = torch.tensor(
+        [
+            [binary_auc(scores[:, d], targets[:, j]) for d in range(scores.shape[1])]
+            for j in range(num_concepts)
+        ],
+        dtype=torch.float64,
+    )
+    return torch.from_numpy(np.nanmean(aucs.numpy(), axis=1)) if aucs.numel() else aucs.sum(1)
+
+
+def intervention_accuracy(before: torch.Tensor, after: torch.Tensor, sign: torch.Tensor) -> float:
+    """Share of interventions that move a score the intended way; a tie (no change) counts one half.
+
+    Args:
+        before, after: ``(M,)`` score of each image before and after its intervention.
+        sign: ``(M,)`` +1 where the concept was added, -1 where it was removed.
+
+    A score that ignores the concept (changes at random) scores 0.5, the ground-truth indicator 1.
+    """
+    d = sign.double() * (after.double() - before.double())
+    if d.numel() == 0:
+        return float("nan")
+    return float(((d > 0).double() + 0.5 * (d == 0).double()).mean())
+
+
+def intervention_effect(before: torch.Tensor, after: torch.Tensor, sign: torch.Tensor, scale: float) -> float:
+    """Mean signed change ``mean(sign * (after - before)) / scale`` (a standardised effect size).
+
+    ``scale``: the std of the score over the un-intervened images, so that scores of any unit compare; the
+    ground-truth indicator with prevalence ``p`` moves by exactly 1 and has ``scale = sqrt(p (1 - p))``.
+    A score that did not move at all (a dead axis: constant, ``scale = 0``) has effect 0; ``nan`` when
+    there is nothing to measure or a score that moved has no spread to measure it in.
+    """
+    if before.numel() == 0:
+        return float("nan")
+    change = float((sign.double() * (after.double() - before.double())).mean())
+    if bool((after == before).all()):
+        return 0.0
+    return change / float(scale) if scale > 0 else float("nan")

@@ -20,8 +20,9 @@ torchmetrics ``Metric`` objects with DDP-reducible states (sums, or top-k buffer
 * *Box size.* Huang et al. use a 72 x 72 box (half-size 36) on 224 px images; here the half-size is a
   fraction of the image side, ``half_fraction = 36 / 224`` by default (5 px at 32 px).
 * *Part purity with masks.* With ground-truth ``part_masks`` ``(B, Q, H, W)`` (PartShapes) a patch
-  "contains" part ``q`` when the argmax pixel of the upsampled map lies in the part's mask, and part
-  ``q`` is "visible" when its mask is non-empty; with keypoints (CUB) the patch is the box above and
+  "contains" part ``q`` when the map's high-activation region (pixels above the 95th percentile of the
+  upsampled map) lies mostly on ``q`` (:func:`region_part_hits`), and part ``q`` is "visible" when its
+  mask is non-empty; with keypoints (CUB) the patch is the box above and
   contains ``q`` when the visible keypoint lies in it. PIP-Net merges CUB's left/right parts and uses
   a patch-sized box; we use the same box as consistency and do not merge parts.
 * *Noise.* Stability adds ``clip(N(0, 0.2^2), -0.25, 0.25)`` in *normalised* input space, as Huang
@@ -55,6 +56,7 @@ __all__ = [
     "global_size",
     "landmark_hits",
     "prototype_unique",
+    "region_part_hits",
     "stability_noise",
 ]
 
@@ -124,6 +126,44 @@ def stability_noise(
     noise = (noise * sigma).clamp(-clip, clip)
     scale = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
     return image + (noise * scale).to(image.device, image.dtype)
+
+
+def region_part_hits(
+    maps: torch.Tensor,
+    part_masks: torch.Tensor,
+    image_size: Sequence[int],
+    percentile: float = 95.0,
+    min_share: float = 0.2,
+) -> torch.Tensor:
+    """``(N, Q)`` bool: the part that the map's high-activation region lies on.
+
+    The region is the top ``100 - percentile`` % of the pixels of the bicubically upsampled map (ProtoPNet's
+    ``find_high_activation_crop`` keeps the pixels above the 95th percentile, Chen et al. 2019, Sec. 2.4; we
+    count pixels so that ties cannot grow the region). Part ``q``
+    is hit when it has the largest overlap with the region among the parts and covers at least ``min_share``
+    of it. Reading the region rather than one argmax pixel removes a cap: on a coarse latent grid (4 x 4 at
+    32 px) the argmax of an ideal part detector's map often falls just outside a small part.
+
+    Args:
+        maps: ``(N, h, w)`` similarity or attribution maps.
+        part_masks: ``(N, Q, H, W)`` bool ground-truth part masks.
+    """
+    n, q = part_masks.shape[:2]
+    if n == 0:
+        return torch.zeros((0, q), dtype=torch.bool, device=maps.device)
+    out = []
+    for lo in range(0, n, 256):
+        up = upsample_maps(maps[lo : lo + 256], image_size).flatten(1)
+        # the top (100 - percentile) % of the pixels by count, so a flat or binary map (an exact mask on the
+        # pixel grid) still gets a region of that size instead of every pixel tied at its percentile
+        top = max(1, int(round((1.0 - percentile / 100.0) * up.shape[1])))
+        region = torch.zeros_like(up, dtype=torch.bool).scatter_(1, up.topk(top, dim=1).indices, True)
+        pm = part_masks[lo : lo + 256].flatten(2).to(region.device)
+        overlap = (region.unsqueeze(1) & pm.bool()).sum(2).float()  # (n, Q)
+        best, idx = overlap.max(1)
+        hit = best >= min_share * region.sum(1).float()
+        out.append(torch.nn.functional.one_hot(idx, q).bool() & hit.unsqueeze(1))
+    return torch.cat(out)
 
 
 class _PerPrototypeMetric(Metric):
@@ -301,10 +341,12 @@ class PrototypePartPurity(_TopKBuffer):
         num_parts: int,
         k: int = 10,
         half_fraction: float = HUANG_HALF_FRACTION,
+        region_percentile: float = 95.0,
         **kwargs: object,
     ) -> None:
         super().__init__(prototype_classes, k, **kwargs)
         self.half_fraction = half_fraction
+        self.region_percentile = region_percentile
         self.add_state("top_hits", torch.zeros(self.num_prototypes, self.k, num_parts), dist_reduce_fx=None)
         self.add_state(
             "top_visible", torch.zeros(self.num_prototypes, self.k, num_parts), dist_reduce_fx=None
@@ -332,11 +374,13 @@ class PrototypePartPurity(_TopKBuffer):
         )
         if j.numel():
             b = order[j, slot] - self.k
-            loc = _argmax_locations(similarity_maps[b, j].detach(), image_size)
             if part_masks is not None:
-                h_new = part_masks[b, :, loc[:, 0], loc[:, 1]].float()
+                h_new = region_part_hits(
+                    similarity_maps[b, j].detach(), part_masks[b], image_size, self.region_percentile
+                ).float()
                 v_new = part_masks[b].flatten(2).any(2).float()
             else:
+                loc = _argmax_locations(similarity_maps[b, j].detach(), image_size)
                 half = box_half_size(image_size, self.half_fraction)
                 h_new = landmark_hits(loc, landmarks[b], visible[b], half, image_size).float()
                 v_new = visible[b].float()

@@ -136,3 +136,81 @@ class CodeStatistics(Metric):
                 (self.samples - self.hoyer_count).double() / self.samples.clamp(min=1)
             ).float(),
         }
+
+
+# -- thresholds against the noise level (the scorecard, :mod:`interpzoo.scorecard.soft_autoencoder`) --------
+# Under the shrinkage reading of the soft autoencoder (Fan, Li, Teng & Wang, IEEE TCI 2020, Sec. I and III: the
+# encoder is "a learned cascaded wavelet shrinkage system"), a stage-1 unit k with linear filter w_k sees white
+# pixel noise of std sigma as code noise of std sigma_k = sigma * ||w_k||_2, and its soft threshold b_k should
+# sit a few sigma_k above zero: the universal threshold b_k = sigma_k * sqrt(2 log n) of Donoho & Johnstone,
+# "Ideal spatial adaptation by wavelet shrinkage", Biometrika 81(3), 1994, Sec. 2.2 (VisuShrink), removes
+# pure noise with probability -> 1 as n grows.
+def code_noise_std(weight: torch.Tensor, sigma: float, input_std: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Code-space noise std ``sigma * ||w_k / s||_2`` of each output channel of a bias-free convolution.
+
+    White noise of std ``sigma`` per pixel, divided by the input normalisation ``s`` (per input channel),
+    filtered by ``w_k``, has std ``sigma * sqrt(sum_{c, i, j} (w_kcij / s_c)^2)`` away from the borders.
+
+    Shape:
+        ``weight`` ``(C_out, C_in, kh, kw)``, ``input_std`` scalar or ``(C_in,)`` to ``(C_out,)``.
+    """
+    s = torch.as_tensor(input_std, dtype=weight.dtype, device=weight.device).reshape(1, -1, 1, 1)
+    return float(sigma) * (weight.detach() / s).flatten(1).norm(dim=1)
+
+
+def universal_factor(num_coefficients: int) -> float:
+    """``sqrt(2 log n)``: the universal threshold in units of the noise std (Donoho & Johnstone 1994)."""
+    return math.sqrt(2.0 * math.log(max(int(num_coefficients), 2)))
+
+
+def noise_rejection(u_noisy: torch.Tensor, u_clean: torch.Tensor, threshold: torch.Tensor) -> float:
+    """Share of the code entries that the clean input leaves silent and that stay silent with noise added.
+
+    ``P(S_b(u_clean + noise) = 0 | S_b(u_clean) = 0)`` over all (image, unit, position) entries, from the
+    pre-activation codes of the same images without and with noise (e.g. background only, then background
+    plus noise: the noise alone must not switch a unit on). For zero-mean Gaussian code noise of std
+    ``sigma_k`` on a silent zero code this is ``erf(b_k / (sigma_k sqrt 2))``.
+
+    Shape:
+        ``u_noisy``, ``u_clean`` ``(B, C, H, W)``, ``threshold`` ``(C,)``; NaN if no entry is silent.
+    """
+    b = threshold.to(u_clean).view(1, -1, 1, 1)
+    silent = u_clean.abs() <= b
+    if not silent.any():
+        return float("nan")
+    return float((u_noisy.abs() <= b)[silent].double().mean())
+
+
+def signal_retention(u_noisy: torch.Tensor, signal: torch.Tensor, threshold: torch.Tensor) -> float:
+    """Share of the parts' code energy that lands on entries the soft threshold keeps on the noisy input.
+
+    ``sum signal^2 1[|u_noisy| > b] / sum signal^2`` where ``signal`` is the parts' own contribution to the
+    code (the code of the clean image minus the code of the same image with the parts removed: the filter is
+    linear) and ``u_noisy`` the code of the noisy image. Threshold 0 keeps everything (1).
+
+    Shape:
+        ``u_noisy``, ``signal`` ``(B, C, H, W)``, ``threshold`` ``(C,)``; NaN for zero signal.
+    """
+    b = threshold.to(u_noisy).view(1, -1, 1, 1)
+    energy = signal.double().pow(2)
+    total = energy.sum()
+    if total <= 0:
+        return float("nan")
+    return float((energy * (u_noisy.abs() > b).double()).sum() / total)
+
+
+def threshold_tracking(threshold: torch.Tensor, noise_std: torch.Tensor) -> float:
+    """Pearson correlation over units of the thresholds ``b_k`` and their code noise ``sigma_k``.
+
+    1 when every threshold is the same multiple of its unit's noise (the universal rule); about 0 when the
+    thresholds ignore the noise. NaN when either is constant across units (nothing to track).
+
+    Shape:
+        ``(C,)`` and ``(C,)``.
+    """
+    b, s = threshold.detach().double().flatten(), noise_std.detach().double().flatten()
+    b0, s0 = b - b.mean(), s - s.mean()
+    den = b0.norm() * s0.norm()
+    if den <= 1e-12 * max(float(b.norm() * s.norm()), 1e-300):
+        return float("nan")
+    return float((b0 @ s0) / den)

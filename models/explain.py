@@ -17,6 +17,10 @@ Every zoo network has ``net.explain(x)``; what it returns depends on the method:
 Each explanation is a dataclass of CPU tensors for the whole batch; :meth:`Explanation.plot` draws one
 image of it (``index=0``) on a matplotlib axes (or a new :class:`~matplotlib.figure.Figure`, made without
 pyplot, so it neither needs nor changes a backend), returns the figure and optionally writes a PNG.
+Drawers take ``class_names=[...]`` (e.g. ``net.data_config["class_names"]`` or PartShapes'
+``renderer.class_display_names``) to label classes by name instead of by index, and the prototype and
+part-filter drawers take ``part_scores=[...]`` (one normalised part score per prototype/filter, from the
+ground-truth scorecard) to print ``part 0.83`` next to each unit they mark.
 
 >>> ex = net.explain(x)          # doctest: +SKIP
 >>> ex.plot(index=1, path="explanation.png")  # doctest: +SKIP
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -131,6 +136,20 @@ def _barh(ax: Axes, labels: Sequence[str], values: torch.Tensor, title: str, xla
     ax.set_xlabel(xlabel)
 
 
+def _class_label(class_names: Sequence[str] | None, c: int) -> str:
+    """Name of class ``c`` (``"class 3"`` without names, or for an index outside them)."""
+    return str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else f"class {c}"
+
+
+def _part_label(part_scores: Sequence[float] | None, i: int) -> str:
+    """``" part 0.83"`` for unit ``i``, ``""`` without scores (``interpzoo.reports.common.part_score_label``;
+    network files may not import the reports package)."""
+    if part_scores is None:
+        return ""
+    v = float(part_scores[i])
+    return f" part {v:.2f}" if math.isfinite(v) else " part n/a"
+
+
 def _imshow(ax: Axes, image: torch.Tensor) -> None:
     """Show a ``(C, H, W)`` image in ``[0, 1]`` (grey for one channel)."""
     img = image.detach().float().cpu().clamp(0, 1)
@@ -156,12 +175,28 @@ def _eval_mode(net: nn.Module) -> Iterator[nn.Module]:
 # ---------------------------------------------------------------------------------------------
 # ProtoPNet (the dataclass lives in models.protopnet; this draws it)
 # ---------------------------------------------------------------------------------------------
-def draw_prototype_explanation(ex: Any, ax: Axes, image: torch.Tensor | None = None) -> None:
+def draw_prototype_explanation(
+    ex: Any,
+    ax: Axes,
+    image: torch.Tensor | None = None,
+    class_names: Sequence[str] | None = None,
+    part_scores: Sequence[float] | None = None,
+) -> None:
     """ "This looks like that" on one axes: with ``image`` ``(C, H, W)`` the image and each prototype's
-    high-activation box, otherwise the bar chart of the contributions ``W[target, j] * s_j``."""
-    labels = [f"p{int(j)} (class {int(c)})" for j, c in zip(ex.prototypes, ex.prototype_classes)]
+    high-activation box, otherwise the bar chart of the contributions ``W[target, j] * s_j``.
+
+    Args:
+        class_names: optional name per class (labels and title use them instead of indices).
+        part_scores: optional normalised part score per prototype ``(P,)``, indexed by prototype number,
+            printed after each prototype's label.
+    """
+    labels = [
+        f"p{int(j)} ({_class_label(class_names, int(c))}){_part_label(part_scores, int(j))}"
+        for j, c in zip(ex.prototypes, ex.prototype_classes)
+    ]
+    title = f"{_class_label(class_names, int(ex.target))}: logit {ex.logit:.3g}"
     if image is None:
-        _barh(ax, labels, ex.contributions, f"class {ex.target}: logit {ex.logit:.3g}", "contribution")
+        _barh(ax, labels, ex.contributions, title, "contribution")
         return
     from matplotlib.patches import Rectangle
 
@@ -171,7 +206,7 @@ def draw_prototype_explanation(ex: Any, ax: Axes, image: torch.Tensor | None = N
         color = f"C{rank % 10}"
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec=color, lw=1.5))
         ax.text(x0, y0, label, color=color, fontsize=6, va="bottom")
-    ax.set_title(f"class {ex.target}: logit {ex.logit:.3g}")
+    ax.set_title(title)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,10 +228,11 @@ class ClassifierExplanation(Explanation):
     prediction: torch.Tensor
     class_names: list[str] | None = None
 
-    def _draw(self, ax: Axes, index: int = 0) -> None:
+    def _draw(self, ax: Axes, index: int = 0, class_names: Sequence[str] | None = None) -> None:
         i = _check_index(index, self.logits.shape[0])
         k = self.probabilities.shape[1]
-        names = self.class_names or [f"class {c}" for c in range(k)]
+        given = class_names or self.class_names
+        names = [_class_label(given, c) for c in range(k)]
         _barh(
             ax, names, self.probabilities[i], f"prediction: {names[int(self.prediction[i])]}", "probability"
         )
@@ -247,11 +283,12 @@ class SENNExplanation(Explanation):
     def keys(self) -> tuple[str, ...]:
         return self._KEYS
 
-    def _draw(self, ax: Axes, index: int = 0) -> None:
+    def _draw(self, ax: Axes, index: int = 0, class_names: Sequence[str] | None = None) -> None:
         i = _check_index(index, self.concepts.shape[0])
         k = self.concepts.shape[1]
         names = self.concept_names or [f"concept {j}" for j in range(k)]
-        _barh(ax, names, self.relevance[i], f"relevances for class {int(self.prediction[i])}", "theta")
+        target = _class_label(class_names, int(self.prediction[i]))
+        _barh(ax, names, self.relevance[i], f"relevances for {target}", "theta")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,13 +319,15 @@ class ConceptWhiteningExplanation(Explanation):
         i = _check_index(index, self.concept_activations.shape[0])
         return {n: float(v) for n, v in zip(self.concept_names, self.concept_activations[i])}
 
-    def _draw(self, ax: Axes, index: int = 0) -> None:
+    def _draw(self, ax: Axes, index: int = 0, class_names: Sequence[str] | None = None) -> None:
         i = _check_index(index, self.concept_activations.shape[0])
+        pred = int(self.prediction[i])
+        pred_label = _class_label(class_names, pred) if class_names else str(pred)
         _barh(
             ax,
             self.concept_names,
             self.concept_activations[i],
-            f"concept axes of {self.layer} (prediction {int(self.prediction[i])})",
+            f"concept axes of {self.layer} (prediction {pred_label})",
             f"activation ({self.activation_mode})",
         )
 
@@ -343,15 +382,26 @@ class ICNNExplanation(Explanation):
     filter_classes: torch.Tensor
     images: torch.Tensor
 
-    def _draw(self, ax: Axes, index: int = 0, top_k: int = 5) -> None:
+    def _draw(
+        self,
+        ax: Axes,
+        index: int = 0,
+        top_k: int = 5,
+        class_names: Sequence[str] | None = None,
+        part_scores: Sequence[float] | None = None,
+    ) -> None:
+        """Image ``index`` with the ``top_k`` strongest filters' positions; ``part_scores`` ``(C,)``: the
+        normalised part score of each filter of :attr:`layer`, printed after its label."""
         i = _check_index(index, self.images.shape[0])
         _imshow(ax, self.images[i])
         top = self.scores[i].topk(min(top_k, self.scores.shape[1])).indices
         for rank, f in enumerate(top.tolist()):
             px, py = self.positions[i, f].tolist()
             ax.scatter([px - 0.5], [py - 0.5], s=40, color=f"C{rank % 10}", edgecolors="w")
-            ax.text(px, py, f"f{f}", color=f"C{rank % 10}", fontsize=7)
-        ax.set_title(f"{self.layer}: top {len(top)} part filters (prediction {int(self.prediction[i])})")
+            ax.text(px, py, f"f{f}{_part_label(part_scores, f)}", color=f"C{rank % 10}", fontsize=7)
+        pred = int(self.prediction[i])
+        pred_label = _class_label(class_names, pred) if class_names else str(pred)
+        ax.set_title(f"{self.layer}: top {len(top)} part filters (prediction {pred_label})")
 
 
 @torch.no_grad()

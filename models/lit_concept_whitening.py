@@ -33,6 +33,9 @@ __all__ = ["ConceptWhiteningModule"]
 _CAYLEY_KEYS = ("tau0", "c1", "c2", "max_tries", "outer_steps")
 # held-out concept images: a fixed random subset per concept, seeded 10_000 + axis
 _EVAL_SUBSET_SEED = 10_000
+# chance level of the concept AUC: random unit directions in the whitened space (antithetic pairs), seeded
+_RANDOM_DIRECTIONS = 16
+_RANDOM_DIRECTION_SEED = 0
 
 
 class ConceptWhiteningModule(ClassificationModule):
@@ -45,8 +48,13 @@ class ConceptWhiteningModule(ClassificationModule):
     running statistics.
 
     Metrics, logged as ``val/...`` and ``test/...``:
-    ``concept_auc/<concept>`` and ``concept_auc_mean`` (one-vs-all AUC of ``phi(z_j)`` on the held-out
-    concept images), ``concept_auc_fold_std`` (mean over concepts of the std over 5 folds, the
+    ``concept_auc/<concept>`` and ``concept_auc_mean`` (AUC of ``phi(z_j)`` on the held-out concept
+    images; positives are the images whose concept vector has concept ``j``, negatives those without it,
+    where the data gives concept vectors (PartShapes), else one-vs-all by probe set as the reference code),
+    each with ``_ceiling`` (the ground-truth concept indicator as the score, same images and labels),
+    ``_random`` (mean AUC of 16 seeded random unit directions of the whitened layer, pooled like the axes)
+    and ``_norm`` (:class:`~interpzoo.metrics.calibration.Score`),
+    ``concept_auc_fold_std`` (mean over concepts of the std over 5 folds, the
     reference protocol), ``concept_auc_best_filter/<c>`` / ``concept_auc_cav/<c>`` and their means (the
     baselines on the matched BN model at the same layer), ``concept_similarity_offdiag``,
     ``whitening_offdiag_corr``, ``whitening_cov_error``, ``rotation_orthogonality_error``; at test also
@@ -105,6 +113,9 @@ class ConceptWhiteningModule(ClassificationModule):
         k, c = len(self.concept_names), self.net.cw_layer.num_features
         for stage in ("val", "test"):
             setattr(self, f"{stage}_concept_auc", ConceptAUC(k))
+            # reference points of the AUC: the oracle (ground-truth indicator) and random directions
+            setattr(self, f"{stage}_concept_auc_oracle", ConceptAUC(k, folds=0))
+            setattr(self, f"{stage}_concept_auc_random", ConceptAUC(k * _RANDOM_DIRECTIONS, folds=0))
             setattr(self, f"{stage}_concept_similarity", ConceptSimilarity(k, c))
             setattr(self, f"{stage}_whitening_corr", WhiteningCorrelation(c))
         self.test_permutation = PermutationImportance(k)
@@ -357,12 +368,32 @@ class ConceptWhiteningModule(ClassificationModule):
             base, (out.logits.argmax(1) != y).float(), torch.stack(losses, 1), torch.stack(errors, 1)
         )
 
-    def _concept_eval_loader(
-        self, rank_shard: bool, with_ids: bool = False
-    ) -> Iterator[tuple[torch.Tensor, ...]]:
-        """``(images, concept labels[, ids])`` batches of the fixed held-out concept subset (a shard per rank).
+    def _concept_columns(self) -> list[int] | None:
+        """Column of each aligned concept in the data's concept vectors (PartShapes), or ``None``."""
+        renderer = getattr(self.trainer.datamodule, "renderer", None)
+        names = getattr(renderer, "concept_names", None)
+        if names is None or not all(c in names for c in self.concept_names):
+            return None
+        return [list(names).index(c) for c in self.concept_names]
 
-        ``ids`` (``with_ids``) are unique over the concepts, ``concept * 2**32 + index in its concept set``.
+    def _concept_targets(
+        self, batch: dict[str, Any], j: int, n: int, columns: list[int] | None
+    ) -> torch.Tensor:
+        """``(B, K)`` 0/1 targets: the images' concept vectors where the data has them, else probe set ``j``.
+
+        Probe images show their concept on one part with the other attributes drawn at random, so by probe
+        set a "negative" of ``has_red`` is red 15 % of the time; the concept vector says which images show it.
+        """
+        if columns is not None and "concepts" in batch:
+            return (batch["concepts"][:, columns] > 0.5).long().to(self.device)
+        k = len(self.concept_names)
+        return F.one_hot(torch.full((n,), j, dtype=torch.long), k).to(self.device)
+
+    def _concept_eval_loader(self, rank_shard: bool) -> Iterator[tuple[torch.Tensor, ...]]:
+        """``(images, targets (B, K), probe set index (B,), ids (B,))`` batches of the fixed held-out concept
+        subset (a shard per rank).
+
+        ``ids`` are unique over the concepts, ``probe set * 2**32 + index in its concept set``.
         """
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if rank_shard else (1, 0)
         limit = 1 if self.trainer.fast_dev_run else None
@@ -375,39 +406,69 @@ class ConceptWhiteningModule(ClassificationModule):
             num_samples=int(self.hparams.concept_eval_samples),
             sample_seed=_EVAL_SUBSET_SEED,
         )
+        columns = self._concept_columns()
         for j, loader in enumerate(loaders.values()):
             for i, batch in enumerate(loader):
                 if limit is not None and i >= limit:
                     break
                 x = batch["image"].to(self.device, self.dtype)
-                labels = torch.full((x.shape[0],), j, dtype=torch.long, device=self.device)
-                if not with_ids:
-                    yield x, labels
-                    continue
+                probe = torch.full((x.shape[0],), j, dtype=torch.long, device=self.device)
                 if "index" not in batch:
                     raise KeyError("concept datasets must give each image its 'index' in the concept set")
-                yield x, labels, labels * 2**32 + batch["index"].to(self.device).long()
+                targets = self._concept_targets(batch, j, x.shape[0], columns)
+                yield x, targets, probe, probe * 2**32 + batch["index"].to(self.device).long()
+
+    def _random_directions(self, dim: int) -> torch.Tensor:
+        """``(D, C)`` fixed random unit directions (same on every rank and epoch; not saved)."""
+        from interpzoo.metrics.concept_whitening import random_directions
+
+        cached = getattr(self, "_directions", None)
+        if cached is None or cached.shape[1] != dim:
+            cached = random_directions(dim, _RANDOM_DIRECTIONS, _RANDOM_DIRECTION_SEED)
+            self._directions = cached
+        return cached
 
     @torch.no_grad()
     def _concept_metrics(self, stage: str) -> None:
+        from interpzoo.metrics.calibration import Score
+        from interpzoo.metrics.concept_whitening import project_and_pool
+
         auc, sim = getattr(self, f"{stage}_concept_auc"), getattr(self, f"{stage}_concept_similarity")
+        oracle, rand = (
+            getattr(self, f"{stage}_concept_auc_oracle"),
+            getattr(self, f"{stage}_concept_auc_random"),
+        )
+        k, d = len(self.concept_names), _RANDOM_DIRECTIONS
         was_training = self.net.training
         self.net.eval()
         try:
-            for x, labels, ids in self._concept_eval_loader(rank_shard=True, with_ids=True):
+            for x, targets, probe, ids in self._concept_eval_loader(rank_shard=True):
                 out = self.net(x)
-                auc.update(out.concept_activations, labels, ids)
-                sim.update(out.whitened.mean((2, 3)), labels)
+                auc.update(out.concept_activations, targets, ids)
+                oracle.update(targets.float(), targets, ids)
+                directions = self._random_directions(out.whitened.shape[1])
+                scores = project_and_pool(out.whitened.double(), directions, self.net.activation_mode)
+                # column j * D + d: direction d scored for concept j
+                rand.update(scores.repeat(1, k), targets.repeat_interleave(d, dim=1), ids)
+                sim.update(out.whitened.mean((2, 3)), probe)
         finally:
             self.net.train(was_training)
         result = auc.compute()  # all ranks: the states are all-gathered
-        auc.reset()
+        ceiling = oracle.compute()["auc"]
+        chance = rand.compute()["auc"].view(k, d).nanmean(1)
+        for m in (auc, oracle, rand):
+            m.reset()
         offdiag = sim.compute()["offdiag_mean"]
         sim.reset()
-        values = {
-            f"{stage}/concept_auc/{c}": float(result["auc"][j]) for j, c in enumerate(self.concept_names)
-        }
-        values[f"{stage}/concept_auc_mean"] = float(result["auc"].nanmean())
+        values: dict[str, float] = {}
+        rows = [
+            (f"concept_auc/{c}", result["auc"][j], ceiling[j], chance[j])
+            for j, c in enumerate(self.concept_names)
+        ]
+        rows.append(("concept_auc_mean", result["auc"].nanmean(), ceiling.nanmean(), chance.nanmean()))
+        for name, raw, top, rnd in rows:
+            row = Score("concept_whitening", name, float(raw), float(top), float(rnd))
+            values.update({f"{stage}/{key}": v for key, v in row.logged().items()})
         values[f"{stage}/concept_auc_fold_std"] = float(result["fold_std"].nanmean())
         values[f"{stage}/concept_similarity_offdiag"] = float(offdiag)
         values.update({f"{stage}/{k}": v for k, v in self._baselines().items()})
@@ -426,12 +487,14 @@ class ConceptWhiteningModule(ClassificationModule):
         ref = self._reference[0].to(self.device).eval()
         layer_name = f"backbone.body.{self.net.whitened_names[0]}"
 
-        def feats(batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        def feats(batches: Iterator[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
             maps, labels = [], []
-            for x, y in batches:
+            for x, y, *_ in batches:
                 maps.append(forward_until(ref, layer_name, x).cpu())
                 labels.append(y.cpu())
             return torch.cat(maps), torch.cat(labels)
+
+        columns = self._concept_columns()
 
         def train_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             loaders = self.trainer.datamodule.concept_dataloaders(
@@ -446,7 +509,7 @@ class ConceptWhiteningModule(ClassificationModule):
                     if self.trainer.fast_dev_run and i >= 1:
                         break
                     x = batch["image"].to(self.device, self.dtype)
-                    yield x, torch.full((x.shape[0],), j, dtype=torch.long)
+                    yield x, self._concept_targets(batch, j, x.shape[0], columns)
 
         # Every rank computes the same numbers from the full (small) sets: no collectives needed.
         test_maps, test_y = feats(self._concept_eval_loader(rank_shard=False))

@@ -17,7 +17,8 @@ DDP, per statistic:
   identical on every rank;
 * official gradient injection: per rank (the reference code's batch statistics);
 * location instability: per-rank top-M buffers merged exactly at compute (tie-break by sample id);
-* part IoU: computed on the same fixed, seeded subset by every rank (no collective needed).
+* part IoU and detection rate (area-matched threshold, with ``_ceiling``, ``_random`` and ``_norm``): computed
+  on the same fixed, seeded subset by every rank (no collective needed).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from interpzoo.datamodules.base import fixed_subset_indices
 from interpzoo.layers.icnn import FilterLossOutput, PartFilterLoss, official_filter_grad
-from interpzoo.metrics.icnn import LocationInstability, part_dissection
+from interpzoo.metrics.calibration import Score
+from interpzoo.metrics.icnn import LocationInstability, part_iou_scores, project_maps, random_directions
 from interpzoo.models.lit_base import ClassificationModule, batch_input
 from interpzoo.utils import did_you_mean
 
@@ -54,8 +56,8 @@ _METRIC_DEFAULTS: dict[str, Any] = {
     "landmark_ids": None,
     "candidates": "category",
     "part_iou_samples": 256,
-    "part_iou_quantile": 0.005,
-    "iou_threshold": 0.04,
+    "part_iou_quantile": None,
+    "iou_threshold": 0.2,
     "part_iou_seed": 0,
     "report_samples": 256,
     "report_filters": 8,
@@ -89,8 +91,11 @@ class ICNNModule(ClassificationModule):
         metrics: ``eval_layer`` (default: the last layer), ``top_m``, ``select_ratio``,
             ``landmark_ids`` (subset of landmarks, e.g. CUB back/forehead/tail ``[0, 5, 13]``),
             ``candidates`` (``category``: a filter's top images come from its category; ``all``),
-            ``part_iou_samples`` (fixed subset; 0 disables), ``part_iou_quantile``,
-            ``iou_threshold``, ``part_iou_seed``, ``report_samples``, ``report_filters``.
+            ``part_iou_samples`` (fixed subset; 0 disables), ``part_iou_quantile`` (``None``: the
+            area-matched threshold of :func:`~interpzoo.metrics.icnn.area_matched_part_iou`; a number: the
+            fixed top-quantile threshold of Network Dissection, e.g. 0.005), ``iou_threshold`` (detection
+            threshold on the best-part IoU, 0.2 as ICNN Sec. 4.2), ``part_iou_seed`` (subset and random
+            directions), ``report_samples``, ``report_filters``.
         *args, **kwargs: the network config ``net`` (must build an :class:`ICNNNet`; default ``icnn``),
             ``data_info`` and the other arguments of :class:`~interpzoo.models.lit_base.InterpModule`.
     """
@@ -299,15 +304,27 @@ class ICNNModule(ClassificationModule):
             return
         idx = fixed_subset_indices(len(dataset), n, int(self.metric_cfg["part_iou_seed"]))
         data = self.collect_part_maps(dm.subset_dataloader(stage, idx, batch_size=64))
-        res = part_dissection(
-            data["maps"],
+        maps, seed = data["maps"], int(self.metric_cfg["part_iou_seed"])
+        # Random baseline: 128 random unit directions of the layer's channels (as the scorecard).
+        rand = project_maps(maps, random_directions(maps.shape[1], 128, seed))
+        quantile = self.metric_cfg["part_iou_quantile"]
+        res = part_iou_scores(
+            maps,
             data["part_masks"],
-            self.metric_cfg["part_iou_quantile"],
-            self.metric_cfg["iou_threshold"],
+            rand,
+            float(self.metric_cfg["iou_threshold"]),
+            None if quantile is None else float(quantile),
         )
+        values: dict[str, float] = {}
+        for key in ("part_iou", "part_detection_rate"):
+            row = Score("icnn", key, res["model"][key], res["oracle"][key], res["random"][key])
+            values.update(row.logged(f"{stage}/"))
+        model = res["model"]["result"]
+        values[f"{stage}/num_part_detectors"] = float(model["num_part_detectors"])
+        values[f"{stage}/num_unique_parts"] = float(model["num_unique_parts"])
         # Same subset and weights on every rank: the values agree; sync_dist only averages equal numbers.
-        for key in ("part_iou", "num_part_detectors", "num_unique_parts"):
-            self.log(f"{stage}/{key}", res[key].float().to(self.device), sync_dist=True)
+        for key, value in values.items():
+            self.log(key, torch.tensor(value, device=self.device), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()

@@ -46,7 +46,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from interpzoo.layers.protopnet import avg_separation_cost, cluster_cost, l1_off_class, separation_cost
+from interpzoo.layers.protopnet import (
+    avg_separation_cost,
+    cluster_cost,
+    l1_off_class,
+    separation_cost,
+    squared_l2_distances,
+)
+from interpzoo.metrics.calibration import normalised_score
 from interpzoo.metrics.protopnet import (
     HUANG_HALF_FRACTION,
     ExplanationSize,
@@ -174,6 +181,11 @@ def phase_plan(
     return plan
 
 
+# the part metrics, each read three times: the model, the oracle (ceiling) and random prototypes (baseline)
+_PART_METRICS = ("consistency", "stability", "part_purity")
+_READERS = ("", "_oracle", "_random")
+
+
 class _MetricSet(nn.Module):
     def __init__(self, classes: torch.Tensor, num_classes: int, num_parts: int, cfg: dict[str, Any]) -> None:
         super().__init__()
@@ -182,11 +194,22 @@ class _MetricSet(nn.Module):
         self.has_parts = num_parts > 0
         if self.has_parts:
             hf = cfg["half_fraction"]
-            self.consistency = PrototypeConsistency(
-                classes, num_classes, num_parts, cfg["consistency_threshold"], hf
-            )
-            self.stability = PrototypeStability(classes, hf)
-            self.part_purity = PrototypePartPurity(classes, num_parts, cfg["part_purity_k"], hf)
+            for r in _READERS:
+                setattr(
+                    self,
+                    f"consistency{r}",
+                    PrototypeConsistency(classes, num_classes, num_parts, cfg["consistency_threshold"], hf),
+                )
+                setattr(self, f"stability{r}", PrototypeStability(classes, hf))
+                setattr(
+                    self, f"part_purity{r}", PrototypePartPurity(classes, num_parts, cfg["part_purity_k"], hf)
+                )
+            # the oracle of prototype j reports part (rank of j within its class) mod K
+            rank = torch.zeros_like(classes)
+            for c in classes.unique():
+                members = (classes == c).nonzero().flatten()
+                rank[members] = torch.arange(members.numel())
+            self.register_buffer("oracle_parts", rank % num_parts, persistent=False)
 
     def reset(self) -> None:
         for m in self.children():
@@ -515,7 +538,25 @@ class ProtoPNetModule(ClassificationModule):
     def _stability_on(self, stage: str) -> bool:
         return bool(self.metrics_cfg["stability"]) and stage in self.metrics_cfg["stability_stages"]
 
+    def _random_maps(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, P, h, w)`` similarity maps of random prototypes (uniform in the sigmoid latent's ``[0, 1]``,
+        seeded, the same on every rank) against the trained latent ``z``: the part metrics' random baseline."""
+        layer = self.net.prototype_layer
+        shape = tuple(layer.prototype_vectors.shape)
+        cached = getattr(self, "_random_prototypes", None)
+        if cached is None or tuple(cached.shape) != shape:
+            g = torch.Generator().manual_seed(int(self.metrics_cfg["noise_seed"]) + 7919)
+            cached = torch.rand(shape, generator=g, dtype=torch.float64)
+            self._random_prototypes = cached
+        return layer.similarity(squared_l2_distances(z, cached.to(z.device, z.dtype)))
+
     def update_eval_metrics(self, out: ProtoPNetOutput, batch: dict[str, Any], stage: str) -> None:
+        """Update the stage's prototype metrics; part metrics also for the oracle and random prototypes.
+
+        The oracle (ceiling) of prototype ``j`` reports its part's mask average-pooled onto the latent grid
+        (:func:`interpzoo.scorecard.parts.pooled_part_maps`), the random baseline is random prototypes in
+        the trained latent space. Without ``part_masks`` (keypoints only, e.g. CUB) there is no oracle map.
+        """
         if stage not in self.proto_metrics:
             return
         m = self.proto_metrics[stage]
@@ -525,23 +566,33 @@ class ProtoPNetModule(ClassificationModule):
         m.explanation_size.update(out.similarities, self.net.last_layer.weight, out.logits.argmax(1))
         if not m.has_parts:
             return
+        masks = batch.get("part_masks")
+        maps = {"": out.similarity_maps, "_random": self._random_maps(out.features)}
+        if masks is not None:
+            maps["_oracle"] = F.adaptive_avg_pool2d(
+                masks.to(out.features.dtype), out.similarity_maps.shape[2:]
+            )[:, m.oracle_parts]
         if "landmarks" in batch and "landmark_visible" in batch:
             lm, vis = batch["landmarks"], batch["landmark_visible"]
-            m.consistency.update(out.similarity_maps, y, lm, vis, size)
+            for r, mp in maps.items():
+                getattr(m, f"consistency{r}").update(mp, y, lm, vis, size)
             if self._stability_on(stage) and "index" in batch:
                 std = self.net.normalize.std.tolist()
-                noisy = stability_noise(x, batch["index"], std, self.metrics_cfg["noise_seed"])
-                m.stability.update(out.similarity_maps, self(noisy).similarity_maps, y, lm, vis, size)
-        if "part_masks" in batch:
-            m.part_purity.update(out.similarities, out.similarity_maps, size, part_masks=batch["part_masks"])
-        elif "landmarks" in batch and "landmark_visible" in batch:
-            m.part_purity.update(
-                out.similarities,
-                out.similarity_maps,
-                size,
-                landmarks=batch["landmarks"],
-                visible=batch["landmark_visible"],
-            )
+                noisy_x = stability_noise(x, batch["index"], std, self.metrics_cfg["noise_seed"])
+                noisy = self(noisy_x)
+                noisy_maps = {"": noisy.similarity_maps, "_random": self._random_maps(noisy.features)}
+                if "_oracle" in maps:
+                    noisy_maps["_oracle"] = maps["_oracle"]  # the ground truth does not move with pixel noise
+                for r, mp in maps.items():
+                    getattr(m, f"stability{r}").update(mp, noisy_maps[r], y, lm, vis, size)
+        for r, mp in maps.items():
+            sims = mp.flatten(2).amax(2)
+            if masks is not None:
+                getattr(m, f"part_purity{r}").update(sims, mp, size, part_masks=masks)
+            elif "landmarks" in batch and "landmark_visible" in batch:
+                getattr(m, f"part_purity{r}").update(
+                    sims, mp, size, landmarks=batch["landmarks"], visible=batch["landmark_visible"]
+                )
 
     def _log_prototype_metrics(self, stage: str) -> None:
         net = self.net
@@ -569,17 +620,36 @@ class ProtoPNetModule(ClassificationModule):
                 values["prototype_prune_fraction"] = float(cp["prune_fraction"])
                 values["explanation_size"] = float(m.explanation_size.compute())
                 if m.has_parts and m.consistency.update_count > 0:
-                    values["prototype_consistency"] = float(m.consistency.compute())
+                    self._calibrated(values, m, "consistency", "prototype_consistency", float)
                     if self._stability_on(stage):
-                        values["prototype_stability"] = float(m.stability.compute())
+                        self._calibrated(values, m, "stability", "prototype_stability", float)
                 if m.has_parts and m.part_purity.update_count > 0:
                     pp = m.part_purity.compute()
-                    values["prototype_part_purity"] = float(pp["mean"])
+                    self._calibrated(
+                        values, m, "part_purity", "prototype_part_purity", lambda v: float(v["mean"])
+                    )
                     values["prototype_part_purity_std"] = float(pp["std"])
                     values["prototype_part_related"] = float(pp["part_related"])
             m.reset()
         for k, v in values.items():
             self.log(f"{stage}/{k}", v, sync_dist=True)
+
+    @staticmethod
+    def _calibrated(values: dict[str, float], m: _MetricSet, attr: str, name: str, read: Any) -> None:
+        """``name`` and, where the oracle was read (part masks), ``name_ceiling``, ``_random`` and ``_norm``.
+
+        On the training layout these reward position as much as parts: the random prototypes and the oracle
+        are read on the same images, so ``_norm`` says how far the model is from chance towards the oracle.
+        """
+        raw = read(getattr(m, attr).compute())
+        values[name] = raw
+        oracle, rnd = getattr(m, f"{attr}_oracle"), getattr(m, f"{attr}_random")
+        values[f"{name}_random"] = read(rnd.compute())
+        if oracle.update_count > 0:
+            values[f"{name}_ceiling"] = read(oracle.compute())
+            norm = normalised_score(raw, values[f"{name}_random"], values[f"{name}_ceiling"])
+            if math.isfinite(norm):  # no room between chance and the oracle: nothing to normalise
+                values[f"{name}_norm"] = norm
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()

@@ -32,6 +32,9 @@ class SoftAutoencoderModule(ReconstructionModule):
     ``*/threshold_mean/<stage>`` (mean ``b``, code units) and ``*/threshold_pixel/stage1`` (stage-1
     thresholds in pixel-noise units,
     :meth:`~interpzoo.models.soft_autoencoder.SoftAutoencoder.pixel_thresholds`). Labels are ignored.
+    The ground-truth scorecard (thresholds against the noise level, :mod:`interpzoo.scorecard.soft_autoencoder`) is
+    not logged here: the ``GroundTruthScorecard`` callback scores the network after testing on PartShapes, reading
+    ``net.training_noise_std`` (set here to ``noise_std``).
 
     Args:
         noise_std: σ of the additive white Gaussian noise in ``[0, 1]`` pixel units (``25 / 255``).
@@ -73,6 +76,10 @@ class SoftAutoencoderModule(ReconstructionModule):
                 f"got {type(self.net).__name__} from net.name={self.net_config()['name']!r}"
             )
         self.clip_noisy = bool(clip_noisy)
+        # The ground-truth scorecard (interpzoo.scorecard.soft_autoencoder) compares the stage-1 thresholds with
+        # the noise they should remove; the network alone does not know that noise level, so tell it (a plain
+        # attribute: not in the state dict, nothing changes in checkpoints or bundles).
+        self.net.training_noise_std = float(noise_std)
         self.report_examples = int(report_examples)
         for stage in ("val", "test"):
             setattr(self, f"{stage}_ssim", StructuralSimilarityIndexMeasure(data_range=1.0))

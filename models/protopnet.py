@@ -95,9 +95,15 @@ class PrototypeExplanation(Explanation):
     source_index: torch.Tensor
     source_boxes: torch.Tensor
 
-    def _draw(self, ax: Any, image: torch.Tensor | None = None) -> None:
+    def _draw(
+        self,
+        ax: Any,
+        image: torch.Tensor | None = None,
+        class_names: Sequence[str] | None = None,
+        part_scores: Sequence[float] | None = None,
+    ) -> None:
         # plot(image=x[i]) draws the boxes on the image, plot() the contributions
-        draw_prototype_explanation(self, ax, image)
+        draw_prototype_explanation(self, ax, image, class_names=class_names, part_scores=part_scores)
 
 
 @dataclass
@@ -143,9 +149,22 @@ class ProtoPNetExplanation(Explanation):
             )
         return self.explanations[_check_index(index, len(self.explanations))]
 
-    def _draw(self, ax: Any, index: int = 0, image: bool = True) -> None:
+    def _draw(
+        self,
+        ax: Any,
+        index: int = 0,
+        image: bool = True,
+        class_names: Sequence[str] | None = None,
+        part_scores: Sequence[float] | None = None,
+    ) -> None:
         i = _check_index(index, len(self.explanations))
-        draw_prototype_explanation(self.explanations[i], ax, self.images[i] if image else None)
+        draw_prototype_explanation(
+            self.explanations[i],
+            ax,
+            self.images[i] if image else None,
+            class_names=class_names,
+            part_scores=part_scores,
+        )
 
 
 def _pair(v: Any) -> tuple[int, int]:

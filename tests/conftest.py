@@ -44,6 +44,8 @@ def compose_config(config_name: str, overrides: list[str], out_dir: Path, shrink
                     cfg.callbacks.pop(name, None)
                 if "intrinsic_dim" in cfg.callbacks:
                     cfg.callbacks.intrinsic_dim.num_samples = 64
+                if "scorecard" in cfg.callbacks:
+                    cfg.callbacks.scorecard.num_samples = 40
         del cfg.hydra
     GlobalHydra.instance().clear()
     return cfg

@@ -274,13 +274,13 @@ def _reference_rows(x_hat: torch.Tensor, z: torch.Tensor, mode: str) -> torch.Te
             elif mode == "pos_mean":
                 mask = (zc > 0).to(x_hat.dtype)
                 den = mask.sum() + 1e-4
-            else:  # pool_max: arg-max cell of every full 3x3 window
+            else:  # pool_max: arg-max cell of every 3x3 block, the narrower last row / column included
                 mask = torch.zeros(h, w, dtype=x_hat.dtype)
-                for r0 in range(0, h - h % 3, 3):
-                    for c0 in range(0, w - w % 3, 3):
+                for r0 in range(0, h, 3):
+                    for c0 in range(0, w, 3):
                         win = zc[r0 : r0 + 3, c0 : c0 + 3]
                         k = int(torch.argmax(win))
-                        mask[r0 + k // 3, c0 + k % 3] = 1.0
+                        mask[r0 + k // win.shape[1], c0 + k % win.shape[1]] = 1.0
                 den = mask.sum()
             out[i, ch] = (x_hat[i, ch] * mask).sum() / den
     return out

@@ -226,6 +226,13 @@ def test_fast_dev_run(make_cfg) -> None:
         assert f"{stage}/concept_auc_mean" in metrics and f"{stage}/whitening_offdiag_corr" in metrics
         assert {f"{stage}/concept_auc/{c}" for c in CONCEPTS} <= set(metrics)
         assert metrics[f"{stage}/rotation_orthogonality_error"] < 1e-4
+        # the AUC's reference points: the ground-truth indicator (labels from the concept vectors) is a
+        # perfect detector; the normalised score is (raw - random) / (ceiling - random)
+        for name in [f"concept_auc/{c}" for c in CONCEPTS] + ["concept_auc_mean"]:
+            key = f"{stage}/{name}"
+            raw, top, rnd = metrics[key], metrics[f"{key}_ceiling"], metrics[f"{key}_random"]
+            assert top == pytest.approx(1.0) and 0.0 < rnd < 1.0
+            assert metrics[f"{key}_norm"] == pytest.approx((raw - rnd) / (top - rnd), rel=1e-5)
     assert {f"test/concept_importance/{c}" for c in CONCEPTS} <= set(metrics)
 
 

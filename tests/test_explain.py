@@ -153,14 +153,13 @@ def test_cw_explanation_matches_hooked_whitened_layer(nets: dict, tmp_path: Path
     z = _hooked(net.cw_layer, net, x)  # (B, C, 8, 8) at 32 px
     assert ex.axis_maps.shape == (3, len(CONCEPTS), *z.shape[2:])
     torch.testing.assert_close(ex.axis_maps, z[:, : len(CONCEPTS)])
-    # pool_max by brute force: max over each full 3x3 / stride-3 window, then the mean over windows
+    # pool_max by brute force: max over each 3x3 / stride-3 block (the last ones narrower: the whole map
+    # counts), then the mean over blocks
     h, w = z.shape[2:]
     expect = torch.zeros(3, len(CONCEPTS))
     for b in range(3):
         for c in range(len(CONCEPTS)):
-            windows = [
-                z[b, c, r : r + 3, s : s + 3].max() for r in range(0, h - 2, 3) for s in range(0, w - 2, 3)
-            ]
+            windows = [z[b, c, r : r + 3, s : s + 3].max() for r in range(0, h, 3) for s in range(0, w, 3)]
             expect[b, c] = torch.stack(windows).mean()
     assert ex.activation_mode == "pool_max"
     torch.testing.assert_close(ex.concept_activations, expect)

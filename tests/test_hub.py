@@ -12,6 +12,7 @@ from tests.conftest import ROOT
 
 # model name -> the shipped bundle `torch.hub.load(..., name, pretrained=True)` loads
 EXPECTED_DEFAULTS = {
+    "baseline_resnet18s": "baseline_resnet18s.partshapes_s0",
     "cw_resnet18s": "cw_resnet18s.partshapes_s0",
     "icnn_resnet18s": "icnn_resnet18s.partshapes_s0",
     "protopnet_resnet18s": "protopnet_resnet18s.partshapes_s0",
@@ -71,8 +72,8 @@ def test_hub_pretrained_senn_mlp_predicts_breast_cancer() -> None:
 
 
 def test_hub_pretrained_true_without_a_shipped_bundle_names_those_with_one() -> None:
-    with pytest.raises(ValueError, match="'baseline_resnet18s' has no shipped pretrained bundle") as err:
-        _hub("baseline_resnet18s", pretrained=True)
+    with pytest.raises(ValueError, match="'baseline_resnet34' has no shipped pretrained bundle") as err:
+        _hub("baseline_resnet34", pretrained=True)
     for name in EXPECTED_DEFAULTS:
         assert name in str(err.value)
     assert "pretrained='<run>/bundle'" in str(err.value)

@@ -484,9 +484,16 @@ def test_fdr_multi_and_single_category(make_cfg, tmp_path) -> None:
         "test/spatial_entropy",
         "test/location_instability",
         "test/part_iou",
+        "test/part_iou_ceiling",
+        "test/part_iou_random",
+        "test/part_iou_norm",
+        "test/part_detection_rate",
+        "test/part_detection_rate_ceiling",
         "test/num_part_detectors",
     ):
         assert key in metrics, key
+    # the oracle (pooled part masks) beats the network on the area-matched part IoU
+    assert metrics["test/part_iou_ceiling"] > metrics["test/part_iou"]
     metrics = train(
         make_cfg(
             [

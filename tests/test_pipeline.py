@@ -43,6 +43,13 @@ def test_train_writes_everything_and_beats_chance(make_cfg, tmp_path) -> None:
     assert {"val/acc", "test/acc", "test/loss"} <= set(on_disk)
     assert any(k.startswith("test/intrinsic_dim/") for k in on_disk)
     assert on_disk["test/acc"] > 0.2  # 10 classes: chance is 0.1
+    # the ground-truth scorecard: every part metric with its oracle ceiling, random baseline and normalised score
+    for m in ("gt_accuracy", "part_consistency", "part_purity", "part_deletion"):
+        assert {f"test/gt/{m}{s}" for s in ("", "_ceiling", "_random", "_norm")} <= set(on_disk), m
+        assert on_disk[f"test/gt/{m}_ceiling"] > on_disk[f"test/gt/{m}_random"], m
+        span = on_disk[f"test/gt/{m}_ceiling"] - on_disk[f"test/gt/{m}_random"]
+        want = (on_disk[f"test/gt/{m}"] - on_disk[f"test/gt/{m}_random"]) / span
+        assert on_disk[f"test/gt/{m}_norm"] == pytest.approx(want, abs=1e-5), m
 
     # the bundle is the tested model: re-evaluating it gives the same test accuracy
     net = load_pretrained(tmp_path / "bundle")

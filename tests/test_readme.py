@@ -315,6 +315,10 @@ PYTHON_CHECKS = {
         "import os; assert os.path.getsize('explanation.png') > 1000\n"
         "print('README-BLOCK-OK')\n",
     ),
+    "from interpzoo.scorecard import evaluate": (
+        ["protopnet gt_accuracy 0.", "protopnet part_deletion "],
+        "assert row.metric == 'part_deletion' and row.ceiling > row.random\nprint('README-BLOCK-OK')\n",
+    ),
 }
 
 

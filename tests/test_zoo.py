@@ -35,6 +35,7 @@ TRAINING_ONLY = {"test/push_gap"}
 HEADLINE_KEYS = {
     arch: key
     for arch, key in (
+        ("baseline", "test/acc"),  # the black box: no interpretability metric of its own
         ("protopnet", "test/prototype_class_purity"),
         ("cw", "test/concept_auc_mean"),
         ("icnn", "test/location_instability"),

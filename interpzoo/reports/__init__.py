@@ -15,6 +15,7 @@ object-oriented API: nothing here selects a backend.
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -61,4 +62,9 @@ def write_report(module: Any, datamodule: Any, out_dir: Path) -> list[Path]:
     if entry is None:
         return []
     mod, fn = entry
-    return list(getattr(importlib.import_module(mod), fn)(module, datamodule, Path(out_dir)))
+    report = getattr(importlib.import_module(mod), fn)
+    kwargs = {}
+    scores = getattr(module, "scorecard_unit_scores", None)  # set by the GroundTruthScorecard callback
+    if scores is not None and "part_scores" in inspect.signature(report).parameters:
+        kwargs["part_scores"] = list(scores)
+    return list(report(module, datamodule, Path(out_dir), **kwargs))

@@ -4,11 +4,13 @@ correlation of the latent space before and after whitening (reference ``plot_con
 ``plot_correlation``).
 
 :func:`concept_whitening_report` writes the confusion matrix and, when the model has concepts,
-``cw_top_images.png`` and ``cw_correlation.png``.
+``cw_top_images.png`` and ``cw_correlation.png``. Rows are labelled with the concept names; with
+``part_scores`` each axis row prints its normalised part score from the scorecard.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +19,24 @@ import torch
 from matplotlib.figure import Figure
 
 from interpzoo.models.concept_whitening import forward_until
-from interpzoo.reports.common import confusion_matrix_figure, save_figure
+from interpzoo.reports.common import (
+    confusion_matrix_figure,
+    part_score_label,
+    part_scores_list,
+    save_figure,
+    wrap_label,
+)
 
 __all__ = ["concept_whitening_report", "correlation_heatmap_figure", "top_activating_figure"]
 
 
-def concept_whitening_report(module: Any, datamodule: Any, out_dir: Path) -> list[Path]:
+def concept_whitening_report(
+    module: Any, datamodule: Any, out_dir: Path, part_scores: Sequence[float] | None = None
+) -> list[Path]:
     """Confusion matrix; top-``report_top_k`` test images per concept axis out of the first
     ``report_samples`` test images; correlation of the whitened layer against the matched BN model (or,
-    without one, against the layer's own input) on up to 256 of them. In ``out_dir``."""
+    without one, against the layer's own input) on up to 256 of them. In ``out_dir``. ``part_scores``:
+    optional normalised part score per concept axis ``(k,)``, printed in the top-images rows."""
     out_dir = Path(out_dir)
     figures = [confusion_matrix_figure(module, datamodule, out_dir / "confusion_matrix.png")]
     if not module.concept_names:
@@ -50,6 +61,7 @@ def concept_whitening_report(module: Any, datamodule: Any, out_dir: Path) -> lis
                 module.concept_names,
                 out_dir / "cw_top_images.png",
                 k=module.hparams.report_top_k,
+                part_scores=part_scores,
             )
         )
         x = torch.cat(images)[: min(n, 256)].to(module.device)
@@ -74,7 +86,12 @@ def _pixels(z: torch.Tensor) -> torch.Tensor:
 
 
 def top_activating_figure(
-    images: torch.Tensor, scores: torch.Tensor, concept_names: list[str], path: Path, k: int = 8
+    images: torch.Tensor,
+    scores: torch.Tensor,
+    concept_names: list[str],
+    path: Path,
+    k: int = 8,
+    part_scores: Sequence[float] | None = None,
 ) -> Path:
     """Per concept axis (row), the ``k`` images with the highest score ``phi(z_j)``.
 
@@ -83,8 +100,12 @@ def top_activating_figure(
     Args:
         images: ``(N, C, H, W)`` in ``[0, 1]``.
         scores: ``(N, K)`` axis scores.
+        concept_names: ``K`` names; each row is labelled with its axis's concept name.
+        part_scores: optional normalised part score per axis ``(K,)``, printed as ``part 0.83`` in the
+            title of the row's first panel.
     """
     n_concepts = len(concept_names)
+    parts = part_scores_list(part_scores, n_concepts, "axes")
     k = min(k, images.shape[0])
     fig = Figure(figsize=(1.3 * k + 1.2, 1.4 * n_concepts + 0.3))
     axes = fig.subplots(n_concepts, k, squeeze=False)
@@ -98,9 +119,12 @@ def top_activating_figure(
             )
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{float(scores[idx, j]):.2f}", fontsize=7)
+            title = f"{float(scores[idx, j]):.2f}"
+            if col == 0 and parts is not None:
+                title = f"{part_score_label(parts, j)}\nact {title}"
+            ax.set_title(title, fontsize=7)
             if col == 0:
-                ax.set_ylabel(name, fontsize=8)
+                ax.set_ylabel(wrap_label(name, 16), fontsize=7)
     fig.suptitle("top-activating test images per concept axis", fontsize=9)
     return save_figure(fig, path, tight=True)
 

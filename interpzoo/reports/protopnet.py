@@ -4,55 +4,67 @@ recognition", NeurIPS 2019): prototype visualisation after push and the "this lo
 :func:`protopnet_report` writes the confusion matrix and two figures (PNG):
 
 * :func:`prototype_gallery`: one row per class, one panel per prototype: its source training image (the
-  image push projected it onto), the bicubically upsampled self-activation heatmap, the 95th-percentile
+  image push projected it onto), the bicubically upsampled self-activation map as contour lines over the
+  image's own colours (:func:`~interpzoo.reports.common.overlay_heat`; the reference ``push.py`` blends a
+  ``jet`` map, which hides the part colours PartShapes classes differ by), the 95th-percentile
   high-activation box (solid) and the receptive-field box of the latent patch (dashed). Reference
   ``push.py`` saves the same three views as separate files.
 * :func:`explanation_figure`: for a few test images, the top prototypes of the predicted class by
   contribution ``W[c, j] * s_j``: where on the test image each prototype is active (heatmap + box), next
   to the prototype's source patch, with similarity, weight and contribution (reference ``local_analysis.py``).
+
+Classes are labelled with :func:`~interpzoo.reports.common.class_display_names` (``"c3: green circle
+head"`` on PartShapes); with ``part_scores`` (one normalised part score per prototype, from the
+ground-truth scorecard) every prototype panel prints ``part 0.83`` in its title.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from interpzoo.layers.protopnet import upsample_maps
 from interpzoo.models.protopnet import ProtoPNet
-from interpzoo.reports.common import confusion_matrix_figure, save_figure
+from interpzoo.reports.common import (
+    class_display_names,
+    confusion_matrix_figure,
+    overlay_heat,
+    part_scores_list,
+    save_figure,
+    with_part_score,
+    wrap_label,
+)
 
 __all__ = ["explanation_figure", "protopnet_report", "prototype_gallery"]
 
 
-def protopnet_report(module: Any, datamodule: Any, out_dir: Path) -> list[Path]:
-    """``confusion_matrix.png``, ``prototype_gallery.png`` and ``this_looks_like_that.png`` in ``out_dir``."""
+def protopnet_report(
+    module: Any, datamodule: Any, out_dir: Path, part_scores: Sequence[float] | None = None
+) -> list[Path]:
+    """``confusion_matrix.png``, ``prototype_gallery.png`` and ``this_looks_like_that.png`` in ``out_dir``.
+
+    ``part_scores``: optional normalised part score per prototype ``(P,)``, printed in the prototype panels.
+    """
     out_dir = Path(out_dir)
     return [
         confusion_matrix_figure(module, datamodule, out_dir / "confusion_matrix.png"),
-        prototype_gallery(module.net, datamodule, out_dir / "prototype_gallery.png"),
-        explanation_figure(module.net, datamodule, out_dir / "this_looks_like_that.png"),
+        prototype_gallery(module.net, datamodule, out_dir / "prototype_gallery.png", part_scores=part_scores),
+        explanation_figure(
+            module.net, datamodule, out_dir / "this_looks_like_that.png", part_scores=part_scores
+        ),
     ]
-
-
-def _to_numpy_image(img: torch.Tensor) -> np.ndarray:
-    arr = img.detach().float().clamp(0, 1).cpu()
-    return arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
 
 
 def _draw(
     ax: Any, img: torch.Tensor, heat: torch.Tensor | None = None, box: Any = None, rf_box: Any = None
 ) -> None:
-    arr = _to_numpy_image(img)
-    ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
-    if heat is not None:
-        h = heat.detach().float().cpu()
-        h = (h - h.min()) / (h.max() - h.min()).clamp(min=1e-8)
-        ax.imshow(h.numpy(), cmap="jet", alpha=0.4, interpolation="bilinear")
+    """``img`` ``(C, H, W)`` in its own colours, ``heat`` ``(H, W)`` as contour lines, and the boxes."""
+    overlay_heat(ax, img, heat)
     for b, style in ((rf_box, "--"), (box, "-")):
         if b is None:
             continue
@@ -104,15 +116,25 @@ def _source_views(
 
 
 @torch.no_grad()
-def prototype_gallery(net: ProtoPNet, datamodule: Any, path: Path, max_prototypes: int = 100) -> Path:
-    """Draw every (active) prototype's source image with heatmap and boxes; returns ``path``."""
+def prototype_gallery(
+    net: ProtoPNet,
+    datamodule: Any,
+    path: Path,
+    max_prototypes: int = 100,
+    part_scores: Sequence[float] | None = None,
+) -> Path:
+    """Draw every (active) prototype's source image with heatmap and boxes; returns ``path``.
+
+    Args:
+        part_scores: optional normalised part score of every prototype ``(P,)`` (indexed by prototype, not
+            by panel), printed as ``part 0.83`` in the prototype's panel title.
+    """
+    scores = part_scores_list(part_scores, net.num_prototypes, "prototypes")
     was = net.training
     net.eval()
     classes = net.prototype_classes.cpu()
     active = (net.prototype_mask > 0).cpu()
-    names = (getattr(net, "data_config", None) or {}).get("class_names") or [
-        str(c) for c in range(net.num_classes)
-    ]
+    names = class_display_names(net.num_classes, datamodule, getattr(net, "data_config", None))
     rows: list[list[int]] = []
     total = 0
     for c in range(net.num_classes):
@@ -137,19 +159,22 @@ def prototype_gallery(net: ProtoPNet, datamodule: Any, path: Path, max_prototype
                 ax = axes[ri, ci]
                 ax.axis("on")
                 if j not in views:
-                    ax.set_title(f"p{j}: no source", fontsize=6)
+                    ax.set_title(with_part_score(f"p{j}: no source", scores, j), fontsize=6)
                     ax.set_xticks([])
                     ax.set_yticks([])
                     continue
                 img, heat = views[j]
                 _draw(ax, img, heat, net.push_act_box[j].tolist(), net.push_rf_box[j].tolist())
-                ax.set_title(f"p{j} (img {int(net.push_source_index[j])})", fontsize=6)
-            axes[ri, 0].set_ylabel(str(names[int(classes[js[0]])])[:14], fontsize=7)
-        fig.suptitle(
-            "prototype gallery: source image, self-activation, high-activation box (yellow), "
-            "receptive field (cyan)",
-            fontsize=8,
+                ax.set_title(
+                    with_part_score(f"p{j} (img {int(net.push_source_index[j])})", scores, j), fontsize=6
+                )
+            axes[ri, 0].set_ylabel(wrap_label(names[int(classes[js[0]])], 16), fontsize=6)
+        title = (
+            "prototype gallery: source image, self-activation (contours), high-activation box (yellow), "
+            "receptive field (cyan)"
         )
+        # a one-column gallery is ~2 in wide: wrap the title to the figure (~0.06 in per character at 8 pt)
+        fig.suptitle(wrap_label(title, max(30, int(fig.get_figwidth() / 0.065))), fontsize=8)
     save_figure(fig, path, dpi=110, tight=True)
     net.train(was)
     return path
@@ -157,9 +182,19 @@ def prototype_gallery(net: ProtoPNet, datamodule: Any, path: Path, max_prototype
 
 @torch.no_grad()
 def explanation_figure(
-    net: ProtoPNet, datamodule: Any, path: Path, n_images: int = 4, top_k: int = 3
+    net: ProtoPNet,
+    datamodule: Any,
+    path: Path,
+    n_images: int = 4,
+    top_k: int = 3,
+    part_scores: Sequence[float] | None = None,
 ) -> Path:
-    """ "This looks like that" for the first ``n_images`` test images; returns ``path``."""
+    """ "This looks like that" for the first ``n_images`` test images; returns ``path``.
+
+    ``part_scores``: optional normalised part score of every prototype ``(P,)``, printed in the title of
+    each prototype's source panel.
+    """
+    scores = part_scores_list(part_scores, net.num_prototypes, "prototypes")
     was = net.training
     net.eval()
     datamodule.setup("test")
@@ -170,9 +205,7 @@ def explanation_figure(
     labels = [int(it["label"]) for it in items]
     expl = net.explain(x, top_k=top_k)
     out = net(x)
-    names = (getattr(net, "data_config", None) or {}).get("class_names") or [
-        str(c) for c in range(net.num_classes)
-    ]
+    names = class_display_names(net.num_classes, datamodule, getattr(net, "data_config", None))
     sources = (
         _source_views(net, _push_set(datamodule), sorted({int(j) for e in expl for j in e.prototypes}))
         if net.pushed
@@ -183,7 +216,9 @@ def explanation_figure(
     axes = fig.subplots(n, 1 + 2 * k, squeeze=False)
     for i, e in enumerate(expl):
         _draw(axes[i, 0], x[i])
-        axes[i, 0].set_title(f"true {names[labels[i]]}\npred {names[e.target]}", fontsize=6)
+        axes[i, 0].set_title(
+            f"true {wrap_label(names[labels[i]], 40)}\npred {wrap_label(names[e.target], 40)}", fontsize=6
+        )
         for t in range(k):
             j = int(e.prototypes[t])
             heat = upsample_maps(out.similarity_maps[i, j].unsqueeze(0), x.shape[2:])[0]
@@ -198,11 +233,14 @@ def explanation_figure(
                 img, sheat = sources[j]
                 _draw(a_src, img, sheat, net.push_act_box[j].tolist())
                 a_src.set_title(
-                    f"looks like p{j}\n(class {names[int(e.prototype_classes[t])]})"[:40], fontsize=6
+                    with_part_score(
+                        f"looks like p{j}\n({wrap_label(names[int(e.prototype_classes[t])], 40)})", scores, j
+                    ),
+                    fontsize=6,
                 )
             else:
                 a_src.axis("off")
-                a_src.set_title(f"p{j} (not pushed)", fontsize=6)
+                a_src.set_title(with_part_score(f"p{j} (not pushed)", scores, j), fontsize=6)
     fig.suptitle(
         "this looks like that: top prototypes of the predicted class (logit = sum of contributions)",
         fontsize=8,

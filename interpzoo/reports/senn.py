@@ -3,10 +3,13 @@
 Alvarez-Melis & Jaakkola, NeurIPS 2018, Fig. 2/3: an explanation is the pair (concepts h(x),
 relevances theta(x)), and each learned concept is grounded by the training samples that activate it
 most (the reference ``concept_grid``). :func:`senn_report` writes them with the confusion matrix.
+Classes are labelled with :func:`~interpzoo.reports.common.class_display_names`; with ``part_scores``
+each learned concept's row prints its normalised part score from the scorecard.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from interpzoo.models.lit_base import batch_input
-from interpzoo.reports.common import confusion_matrix_figure, save_figure
+from interpzoo.reports.common import (
+    class_display_names,
+    confusion_matrix_figure,
+    part_score_label,
+    part_scores_list,
+    save_figure,
+)
 
 __all__ = [
     "concept_prototypes_figure",
@@ -25,10 +34,15 @@ __all__ = [
     "top_activating",
 ]
 
+_NAME, _SHORT = 24, 12  # characters of a class name in titles / in the narrow per-class panels
 
-def senn_report(module: Any, datamodule: Any, out_dir: Path) -> list[Path]:
+
+def senn_report(
+    module: Any, datamodule: Any, out_dir: Path, part_scores: Sequence[float] | None = None
+) -> list[Path]:
     """Confusion matrix, ``senn_relevances.png``, and for learned concepts ``senn_concept_prototypes.png``
-    and (with a decoder) ``senn_reconstructions.png``, in ``out_dir``."""
+    and (with a decoder) ``senn_reconstructions.png``, in ``out_dir``. ``part_scores``: optional
+    normalised part score per learned concept ``(k,)``."""
     out_dir = Path(out_dir)
     cfg = module.report_cfg
     paths = [confusion_matrix_figure(module, datamodule, out_dir / "confusion_matrix.png")]
@@ -36,7 +50,11 @@ def senn_report(module: Any, datamodule: Any, out_dir: Path) -> list[Path]:
     if not module.net.uses_input_concepts:
         paths.append(
             concept_prototypes_figure(
-                module, datamodule, out_dir / "senn_concept_prototypes.png", cfg["top_k"]
+                module,
+                datamodule,
+                out_dir / "senn_concept_prototypes.png",
+                cfg["top_k"],
+                part_scores=part_scores,
             )
         )
     if getattr(module.net.conceptizer, "has_decoder", False):
@@ -82,7 +100,7 @@ def relevance_figure(module: Any, datamodule: Any, path: Path, num_samples: int 
     """
     net = module.net
     info = module.data_info
-    class_names = [str(c) for c in (info.get("class_names") or range(net.num_classes))]
+    class_names = class_display_names(net.num_classes, datamodule, info)
     concept_names = [s[:20] for s in net.concept_names(info.get("feature_names"))]
     batch = _pick_test_samples(datamodule, num_samples)
     x = batch_input(batch).to(module.device)
@@ -95,7 +113,7 @@ def relevance_figure(module: Any, datamodule: Any, path: Path, num_samples: int 
     for r in range(n):
         y_true, y_pred = int(batch["label"][r]), int(ex["prediction"][r])
         p = float(ex["probabilities"][r, y_pred])
-        titles.append(f"true {class_names[y_true][:10]}\npred {class_names[y_pred][:10]} ({p:.2f})")
+        titles.append(f"true {class_names[y_true][:_NAME]}\npred {class_names[y_pred][:_NAME]} ({p:.2f})")
 
     if not net.tabular and net.uses_input_concepts:
         d, shape = net.conceptizer.num_inputs, net.input_shape
@@ -112,7 +130,7 @@ def relevance_figure(module: Any, datamodule: Any, path: Path, num_samples: int 
                 ax = axes[r][1 + c]
                 ax.imshow(theta[:d, c].view(*shape).mean(0).numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax)
                 star = " *" if c == int(ex["prediction"][r]) else ""
-                ax.set_title(f"theta[{class_names[c][:8]}]{star}", fontsize=6)
+                ax.set_title(f"theta[{class_names[c][:_SHORT]}]{star}", fontsize=6)
                 ax.axis("off")
         fig.suptitle("SENN relevance of every pixel for every class (red +, blue -; * predicted)", fontsize=8)
         fig.tight_layout()
@@ -136,7 +154,7 @@ def relevance_figure(module: Any, datamodule: Any, path: Path, num_samples: int 
         ax = col[-2]
         vmax = float(theta.abs().max()) or 1.0
         ax.imshow(theta.numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
-        ax.set_xticks(range(n_cls), [c[:8] for c in class_names], rotation=90, fontsize=fs)
+        ax.set_xticks(range(n_cls), [c[:_NAME] for c in class_names], rotation=90, fontsize=fs)
         ax.set_yticks(range(k), concept_names if r == 0 else [""] * k, fontsize=fs)
         ax.add_patch(Rectangle((y_pred - 0.5, -0.5), 1, k, fill=False, edgecolor="black", lw=1.2))
         col[0].set_title(titles[r], fontsize=6)
@@ -149,7 +167,7 @@ def relevance_figure(module: Any, datamodule: Any, path: Path, num_samples: int 
         ax.set_yticks(range(k), concept_names if r == 0 else [""] * k, fontsize=fs)
         ax.axvline(0, color="black", lw=0.5)
         ax.tick_params(axis="x", labelsize=fs)
-        ax.set_xlabel(f"theta_i,y * h_i  (y = {class_names[y_pred][:8]})", fontsize=fs)
+        ax.set_xlabel(f"theta_i,y * h_i  (y = {class_names[y_pred][:_NAME]})", fontsize=fs)
     fig.suptitle(
         "SENN explanations of test samples: relevance theta per concept and class (top), "
         "contributions to the prediction (bottom)",
@@ -181,13 +199,22 @@ def top_activating(
     return idx.T, vals.T
 
 
-def concept_prototypes_figure(module: Any, datamodule: Any, path: Path, top_k: int = 8) -> Path:
+def concept_prototypes_figure(
+    module: Any,
+    datamodule: Any,
+    path: Path,
+    top_k: int = 8,
+    part_scores: Sequence[float] | None = None,
+) -> Path:
     """Grid of the training samples that activate each learned concept most (one row per concept).
 
-    For tables, each row shows the standardised features of the top samples instead.
+    For tables, each row shows the standardised features of the top samples instead. ``part_scores``:
+    optional normalised part score per concept ``(k,)``, printed as ``part 0.83`` in the row's first panel
+    title (image data) or next to the concept's row label (tables).
     """
     net = module.net
     idx, vals = top_activating(module, datamodule, top_k)
+    parts = part_scores_list(part_scores, idx.shape[0], "concepts")
     ds = datamodule.push_set
     k, t = idx.shape
     if net.tabular:
@@ -200,7 +227,7 @@ def concept_prototypes_figure(module: Any, datamodule: Any, path: Path, top_k: i
             ax = axes[i][0]
             ax.imshow(z.numpy(), cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto")
             ax.set_yticks([])
-            ax.set_ylabel(f"c{i}", fontsize=7)
+            ax.set_ylabel(f"c{i}" + (f"\n{part_score_label(parts, i)}" if parts else ""), fontsize=7)
             ax.set_xticks(
                 range(len(names)), [n[:12] for n in names], rotation=90, fontsize=5
             ) if i == k - 1 else ax.set_xticks([])
@@ -216,7 +243,10 @@ def concept_prototypes_figure(module: Any, datamodule: Any, path: Path, top_k: i
                 ax.imshow(img, cmap=cmap)
                 ax.set_xticks([])
                 ax.set_yticks([])
-                ax.set_title(f"{float(vals[i, j]):.2f}", fontsize=6)
+                title = f"{float(vals[i, j]):.2f}"
+                if j == 0 and parts is not None:
+                    title = f"{part_score_label(parts, i)}\nact {title}"
+                ax.set_title(title, fontsize=6)
                 if j == 0:
                     ax.set_ylabel(f"concept {i}", fontsize=7)
         fig.suptitle("training samples that activate each concept most", fontsize=9)

@@ -3,12 +3,14 @@ adaptation interpretation", IEEE Trans. Computational Imaging 2020: an encoder o
 as a learned wavelet shrinkage).
 
 :func:`soft_autoencoder_report` writes ``denoising_examples.png`` (noisy / denoised / clean test images with
-PSNR), ``thresholds.png`` (learned thresholds per stage, soft stages only) and ``first_layer_filters.png``.
+PSNR), ``thresholds.png`` (learned thresholds per stage, soft stages only) and ``first_layer_filters.png``
+(with ``part_scores``, each filter panel prints its normalised part score from the scorecard).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from matplotlib.figure import Figure
 
 from interpzoo.metrics.soft_autoencoder import psnr
 from interpzoo.models.lit_base import batch_input
-from interpzoo.reports.common import save_figure
+from interpzoo.reports.common import part_scores_list, save_figure, with_part_score
 
 __all__ = [
     "denoise_examples",
@@ -29,8 +31,13 @@ __all__ = [
 ]
 
 
-def soft_autoencoder_report(module: Any, datamodule: Any, out_dir: Path) -> list[Path]:
-    """Noisy/denoised/clean examples, learned thresholds per stage and first-layer filters, in ``out_dir``."""
+def soft_autoencoder_report(
+    module: Any, datamodule: Any, out_dir: Path, part_scores: Sequence[float] | None = None
+) -> list[Path]:
+    """Noisy/denoised/clean examples, learned thresholds per stage and first-layer filters, in ``out_dir``.
+
+    ``part_scores``: optional normalised part score per first-layer filter ``(C_out,)``.
+    """
     out_dir = Path(out_dir)
     paths = [
         denoising_figure(
@@ -43,7 +50,7 @@ def soft_autoencoder_report(module: Any, datamodule: Any, out_dir: Path) -> list
     if thresholds:
         paths.append(thresholds_figure(thresholds, out_dir / "thresholds.png", noise_std=module.noise_std))
     first = module.net.backbone.stages[0].conv.weight.detach().cpu()
-    paths.append(filters_figure(first, out_dir / "first_layer_filters.png"))
+    paths.append(filters_figure(first, out_dir / "first_layer_filters.png", part_scores=part_scores))
     return paths
 
 
@@ -121,8 +128,15 @@ def thresholds_figure(
     return save_figure(fig, path, tight=True)
 
 
-def filters_figure(weight: torch.Tensor, path: Path, max_filters: int = 64) -> Path:
-    """First-layer analysis filters ``(C_out, C_in, k, k)`` (grey: symmetric colour map; RGB: min-max)."""
+def filters_figure(
+    weight: torch.Tensor, path: Path, max_filters: int = 64, part_scores: Sequence[float] | None = None
+) -> Path:
+    """First-layer analysis filters ``(C_out, C_in, k, k)`` (grey: symmetric colour map; RGB: min-max).
+
+    ``part_scores``: optional normalised part score per filter ``(C_out,)``, printed as ``part 0.83`` under
+    the filter's index in its panel title.
+    """
+    scores = part_scores_list(part_scores, weight.shape[0], "filters")
     w = weight.detach().cpu().float()[:max_filters]
     n = w.shape[0]
     cols = min(n, 8)
@@ -140,6 +154,6 @@ def filters_figure(weight: torch.Tensor, path: Path, max_filters: int = 64) -> P
         else:
             m = float(f.abs().max()) or 1.0
             ax.imshow(f.mean(0).numpy(), cmap="RdBu_r", vmin=-m, vmax=m, interpolation="nearest")
-        ax.set_title(str(i), fontsize=6)
+        ax.set_title(with_part_score(str(i), scores, i), fontsize=6)
     fig.suptitle("first encoder layer filters", fontsize=9)
     return save_figure(fig, path, tight=True)
