@@ -19,7 +19,8 @@ class GroundTruthScorecard(pl.Callback):
     it says so once and logs nothing: a number without a ceiling would look comparable and is not.
 
     Args:
-        num_samples: size of the varied-pose held-out split.
+        num_samples: size of the varied-pose held-out split, at most the size of the run's test split (a
+            quick run with 40 test images gets a 40-image scorecard, not a 200-image one).
         seed: seed of the random baselines.
         enabled: switch (``callbacks.scorecard.enabled=false``).
     """
@@ -34,9 +35,13 @@ class GroundTruthScorecard(pl.Callback):
             return
         net = getattr(pl_module, "net", pl_module)
         details: dict = {}
+        num = self.num_samples
+        n_test = getattr(trainer.datamodule, "n_test", None)
+        if isinstance(n_test, int) and n_test > 0:
+            num = min(num, n_test)
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                rows = evaluate(net, trainer.datamodule, self.num_samples, self.seed, details)
+                rows = evaluate(net, trainer.datamodule, num, self.seed, details)
         except NoGroundTruth as e:
             rank_zero_info(f"scorecard: {e}")
             return
