@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 CONCEPTS = ["has_red", "has_striped", "has_circle"]
+METHODS = ("baseline", "protopnet", "cw", "icnn", "senn", "softae")
 LAYER_SHAPES = [(64, 64, 8, 8), (16, 512, 4, 4), (32, 256, 14, 14), (16, 64, 56, 56)]
 
 
@@ -249,6 +250,8 @@ def _compiled(module: Any, args: argparse.Namespace, probe: Callable[[], Any]) -
     if not args.compile:
         return ""
     eager = module.net
+    if isinstance(eager, torch._dynamo.eval_frame.OptimizedModule):  # shared by two comparisons
+        return "compiled"
     try:
         module.net = torch.compile(eager)
         probe()
@@ -342,76 +345,79 @@ def methods_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
         return row
 
     base = build_module("baseline", info, bb, args)
-    # A/A: the noise floor of the measurement
-    rows.append(
-        run(
-            "baseline",
-            "baseline (copy)",
-            {"a": base, "b": build_module("baseline", info, bb, args)},
-            batch,
-            b,
+    want = set(args.methods)
+    if "baseline" in want:  # A/A: the noise floor of the measurement
+        rows.append(
+            run(
+                "baseline",
+                "baseline (copy)",
+                {"a": base, "b": build_module("baseline", info, bb, args)},
+                batch,
+                b,
+            )
         )
-    )
 
-    # ProtoPNet joint step + push amortised
-    proto = build_module("protopnet", info, bb, args)
-    row = run("protopnet", "baseline", {"m": proto, "p": base}, batch, b)
-    push_batches = [image_batch(args, b, 3, s) for _ in range(args.push_batches)]
-    for i, pb in enumerate(push_batches):
-        pb["index"] = pb["index"] + i * b
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. a class missing from the few push batches
-        push_t = [
-            clock(lambda: push_prototypes(proto.net, push_batches, True, 95.0), 1)
-            for _ in range(args.periodic_reps)
-        ]
-    per_batch = statistics.median(push_t) / len(push_batches)
-    every = int(getattr(proto, "schedule_cfg", {}).get("push_every", 10))
-    t = row.pop("_t")
-    row["periodic"] = (
-        f"push, per epoch: {fmt_ratio(ratio(t['m'], t['p'], per_batch))}; "
-        f"every {every} epochs (default schedule): {fmt_ratio(ratio(t['m'], t['p'], per_batch / every))}"
-    )
-    row["amortised"] = ratio(t["m"], t["p"], per_batch)
-    rows.append(row)
-
-    # Concept whitening (resnet18s default layer) + alignment every N batches
-    rows.append(cw_row(args, clock, info, batch, bb, base, f"concept whitening ({args.backbone}, {s} px)"))
-
-    # ICNN: mask + filter loss vs the same network with its extra conv layer
-    icnn = build_module("icnn", info, bb, args)
-    same = build_module("icnn", info, [*bb, "model.net.use_mask=false", "model.lambda_filter=0"], args)
-    row = run("icnn", "same net + extra conv, no mask/loss", {"m": icnn, "p": same}, batch, b)
-    row.pop("_t")
-    rows.append(row)
-    row = run("icnn", "baseline", {"m": icnn, "p": base}, batch, b)
-    row.pop("_t")
-    rows.append(row)
-
-    # SENN on digits-sized input: exact and sub-batch penalty vs unpenalised
-    sinfo = data_info("classification", 1, 32)
-    sbatch = image_batch(args, 64, 1, 32)
-    plain = build_module("senn", sinfo, ["model.robustness_lambda=0"], args)
-    for method, frac in (("stopgrad", None), ("subbatch", 0.125), ("subbatch", 0.0625)):
-        extra = [f"model.penalty_subbatch={frac}"] if frac else []
-        senn = build_module("senn", sinfo, [f"model.penalty_method={method}", *extra], args)
-        label = (
-            "senn, exact penalty (stopgrad)"
-            if frac is None
-            else f"senn, sub-batch penalty ({frac:g} of the batch{', default' if frac == 0.0625 else ''})"
+    if "protopnet" in want:  # joint step + push amortised
+        proto = build_module("protopnet", info, bb, args)
+        row = run("protopnet", "baseline", {"m": proto, "p": base}, batch, b)
+        push_batches = [image_batch(args, b, 3, s) for _ in range(args.push_batches)]
+        for i, pb in enumerate(push_batches):
+            pb["index"] = pb["index"] + i * b
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. a class missing from the few push batches
+            push_t = [
+                clock(lambda: push_prototypes(proto.net, push_batches, True, 95.0), 1)
+                for _ in range(args.periodic_reps)
+            ]
+        per_batch = statistics.median(push_t) / len(push_batches)
+        every = int(getattr(proto, "schedule_cfg", {}).get("push_every", 10))
+        t = row.pop("_t")
+        row["periodic"] = (
+            f"push, per epoch: {fmt_ratio(ratio(t['m'], t['p'], per_batch))}; "
+            f"every {every} epochs (default schedule): {fmt_ratio(ratio(t['m'], t['p'], per_batch / every))}"
         )
-        row = run(label, "senn unpenalised", {"m": senn, "p": plain}, sbatch, 64)
+        row["amortised"] = ratio(t["m"], t["p"], per_batch)
+        rows.append(row)
+
+    if "cw" in want:  # the model's default CW layer + alignment every N batches
+        rows.append(
+            cw_row(args, clock, info, batch, bb, base, f"concept whitening ({args.backbone}, {s} px)")
+        )
+
+    if "icnn" in want:  # mask + filter loss vs the same network with its extra conv layer
+        icnn = build_module("icnn", info, bb, args)
+        same = build_module("icnn", info, [*bb, "model.net.use_mask=false", "model.lambda_filter=0"], args)
+        row = run("icnn", "same net + extra conv, no mask/loss", {"m": icnn, "p": same}, batch, b)
+        row.pop("_t")
+        rows.append(row)
+        row = run("icnn", "baseline", {"m": icnn, "p": base}, batch, b)
         row.pop("_t")
         rows.append(row)
 
-    # Soft autoencoder vs the ReLU autoencoder (denoising step)
-    ainfo = data_info("reconstruction", 1, s)
-    abatch = image_batch(args, b, 1, s)
-    soft = build_module("soft_autoencoder", ainfo, [], args)
-    relu = build_module("relu_ae", ainfo, [], args)
-    row = run("soft AE", "ReLU AE", {"m": soft, "p": relu}, abatch, b)
-    row.pop("_t")
-    rows.append(row)
+    if "senn" in want:  # digits-sized input: exact and sub-batch penalty vs unpenalised
+        sinfo = data_info("classification", 1, 32)
+        sbatch = image_batch(args, 64, 1, 32)
+        plain = build_module("senn", sinfo, ["model.robustness_lambda=0"], args)
+        for method, frac in (("stopgrad", None), ("subbatch", 0.125), ("subbatch", 0.0625)):
+            extra = [f"model.penalty_subbatch={frac}"] if frac else []
+            senn = build_module("senn", sinfo, [f"model.penalty_method={method}", *extra], args)
+            label = (
+                "senn, exact penalty (stopgrad)"
+                if frac is None
+                else f"senn, sub-batch penalty ({frac:g} of the batch{', default' if frac == 0.0625 else ''})"
+            )
+            row = run(label, "senn unpenalised", {"m": senn, "p": plain}, sbatch, 64)
+            row.pop("_t")
+            rows.append(row)
+
+    if "softae" in want:  # the denoising step vs the ReLU autoencoder
+        ainfo = data_info("reconstruction", 1, s)
+        abatch = image_batch(args, b, 1, s)
+        soft = build_module("soft_autoencoder", ainfo, [], args)
+        relu = build_module("relu_ae", ainfo, [], args)
+        row = run("soft AE", "ReLU AE", {"m": soft, "p": relu}, abatch, b)
+        row.pop("_t")
+        rows.append(row)
     return rows
 
 
@@ -620,6 +626,13 @@ def main() -> None:
         nargs="+",
         default=["methods", "layer", "resnet"],
         choices=["methods", "layer", "resnet"],
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=list(METHODS),
+        help="rows of the methods section (default: all)",
     )
     p.add_argument("--backbone", default="resnet18s")
     p.add_argument("--image-size", type=int, default=32)

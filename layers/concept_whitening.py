@@ -163,6 +163,20 @@ class _NewtonSchulz(torch.autograd.Function):
         return vec @ (f * inner) @ vec.mT, None
 
 
+def _ns_with_grad(s_n: Tensor, T: int, closed_form: bool | None = None) -> Tensor:
+    """``P_T`` of the normalised matrix, differentiable, by the cheaper backward for the device.
+
+    On the CPU the closed-form backward of :class:`_NewtonSchulz` (one ``eigh`` instead of ``6 (T - 1)``
+    products). On a GPU plain autograd through the unrolled products: there ``eigh`` is a latency-bound
+    cuSOLVER call that costs more than the tensor-core products it saves, and the divided differences
+    would bring the eigenvalues to the host. Both are the exact gradient of the same iteration
+    (``tests/test_concept_whitening.py`` checks them against each other). ``closed_form`` forces a route.
+    """
+    if closed_form is None:
+        closed_form = s_n.device.type == "cpu"
+    return _NewtonSchulz.apply(s_n, T) if closed_form else _ns(s_n, T)
+
+
 def newton_schulz_iterates(sigma: Tensor, T: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(P_k, Sigma_N)`` for ``k = 1..T`` of the trace-normalised Newton-Schulz iteration.
 
@@ -237,7 +251,7 @@ def _guarded_ns(s_n: Tensor, T: int, guard: str | None) -> tuple[Tensor, int, st
     ``message`` is ``None`` unless the guard fired; then ``P`` is the fallback iterate and the message says
     why (``guard="raise"`` raises :class:`WhiteningDivergedError` instead).
     """
-    p = _NewtonSchulz.apply(s_n, T)
+    p = _ns_with_grad(s_n, T)
     if guard is None or bool(whitening_in_bounds(p.detach(), s_n.detach())):
         return p, T, None
     return _fallback(s_n, T, guard)
@@ -277,7 +291,7 @@ def _fallback(s_n: Tensor, T: int, guard: str) -> tuple[Tensor, int, str]:
     if not math.isfinite(residuals[best - 1]):
         raise WhiteningDivergedError(msg)
     msg += f" Falling back to iteration {best} (||P Sigma_N P - I||_F = {residuals[best - 1]:.3g})."
-    return _NewtonSchulz.apply(s_n, best), best, msg  # again, differentiable
+    return _ns_with_grad(s_n, best), best, msg  # again, differentiable
 
 
 def iternorm_whitening_matrix(sigma: Tensor, T: int = 10, guard: str | None = "fallback") -> Tensor:
@@ -315,6 +329,43 @@ def iternorm_whitening_matrix(sigma: Tensor, T: int = 10, guard: str | None = "f
     return p / trace.sqrt()
 
 
+def _gram_matrix_by_eigh(xc: Tensor, gram: Tensor, tr: Tensor, eps: float, iters: int) -> Tensor:
+    """``W = p_T(Sigma_N) / sqrt(tr)`` ``(C, C)`` from ``eigh(X^T X)`` (the CPU route of :func:`gram_whitening`)."""
+    m = xc.shape[1]
+    lam, u = torch.linalg.eigh(gram)
+    # Directions with a numerically zero eigenvalue (centring leaves one) belong to delta.
+    inv = torch.where(lam > lam[-1] * torch.finfo(lam.dtype).eps * m, lam.clamp_min(0).rsqrt(), 0.0)
+    mu, delta = (lam / m + eps) / tr, eps / tr
+    p_mu, p_delta = torch.ones_like(mu), torch.ones_like(delta)
+    for _ in range(iters):
+        p_mu = 1.5 * p_mu - 0.5 * p_mu**3 * mu
+        p_delta = 1.5 * p_delta - 0.5 * p_delta**3 * delta
+    v = (xc @ u) * inv
+    wm = (v * (p_mu - p_delta)) @ v.mT
+    wm.diagonal().add_(p_delta)
+    return wm / tr.sqrt()
+
+
+def _gram_matrix_by_recurrence(xc: Tensor, gram: Tensor, tr: Tensor, eps: float, iters: int) -> Tensor:
+    """The same ``W`` by the divided-difference recurrence of :func:`gram_whitening`, products only (the GPU
+    route: ``eigh`` there is a slow latency-bound call). In float64: in float32 the recurrence loses ~1e-2 of
+    ``W`` on an ill-conditioned batch (``eigh``: ~1e-6)."""
+    c, m = xc.shape
+    x, tr = xc.double(), tr.double()
+    eye = torch.eye(m, dtype=torch.float64, device=xc.device)
+    s = (gram.double() / m + eps * eye) / tr
+    delta = eps / tr
+    p, d, q = eye, torch.zeros_like(eye), torch.ones_like(delta)  # P_0 = I, d_0 = 0, p_0(delta) = 1
+    for _ in range(iters):
+        p2 = p @ p
+        d = 1.5 * d - 0.5 * ((p2 + q * p + q * q * eye) @ d @ s + q**3 * eye)
+        p = 1.5 * p - 0.5 * (p2 @ p @ s)
+        q = 1.5 * q - 0.5 * q**3 * delta
+    wm = (x @ d) @ x.mT / (m * tr)
+    wm.diagonal().add_(q)
+    return (wm / tr.sqrt()).to(xc.dtype)
+
+
 def gram_whitening(
     xc: Tensor, eps: float, T: int = 10, guard: str | None = "fallback", matrix: bool = True
 ) -> tuple[Tensor, Tensor | None, str | None]:
@@ -329,10 +380,14 @@ def gram_whitening(
     same guard (on ``Q_T`` and ``S'``).
 
     With ``matrix=True`` the ``C x C`` matrix ``W`` (for the running average) is also returned, without
-    gradient, from the eigendecomposition ``X^T X = U diag(lambda) U^T``: the columns of
-    ``V = X U diag(lambda)^{-1/2}`` are the eigenvectors of ``Sigma_N`` with eigenvalues
-    ``mu = (lambda / m + eps) / tr``, every other direction has ``delta = eps / tr``, so
-    ``W = (p_T(delta) I + V diag(p_T(mu) - p_T(delta)) V^T) / sqrt(tr)`` with ``p_T`` the scalar iteration.
+    gradient: on the CPU from the eigendecomposition ``X^T X = U diag(lambda) U^T`` (the columns of
+    ``X U diag(lambda)^{-1/2}`` are eigenvectors of ``Sigma_N``), on a GPU without one. With
+    ``delta = eps / tr`` the eigenvalue of ``Sigma_N`` off the data's span, ``Sigma_N = delta I + X X^T / (m tr)``, so for the iteration's polynomial ``p_T``,
+    ``p_T(Sigma_N) = p_T(delta) I + X d_T(S') X^T / (m tr)`` with ``d_T(x) = (p_T(x) - p_T(delta)) / (x - delta)``
+    its divided difference at ``delta`` (``Sigma_N X = X S'`` carries any polynomial across). ``d_T`` follows
+    the iteration: ``d_0 = 0`` and, from ``p_{k+1} = 1.5 p_k - 0.5 p_k^3 x``,
+    ``d_{k+1} = 1.5 d_k - 0.5 ((P_k^2 + q_k P_k + q_k^2) d_k S' + q_k^3)`` with ``q_k = p_k(delta)``: ``m x m``
+    products only.
 
     Returns:
         ``(W X (C, m), W (C, C) or None, guard message or None)``.
@@ -347,19 +402,8 @@ def gram_whitening(
     if not matrix:
         return xw, None, msg
     with torch.no_grad():
-        xd, tr = xc.detach(), trace.detach()
-        lam, u = torch.linalg.eigh(gram.detach())
-        # Directions with a numerically zero eigenvalue (centring leaves one) belong to delta.
-        inv = torch.where(lam > lam[-1] * torch.finfo(lam.dtype).eps * m, lam.clamp_min(0).rsqrt(), 0.0)
-        mu, delta = (lam / m + eps) / tr, eps / tr
-        p_mu, p_delta = torch.ones_like(mu), torch.ones_like(delta)
-        for _ in range(iters):
-            p_mu = 1.5 * p_mu - 0.5 * p_mu**3 * mu
-            p_delta = 1.5 * p_delta - 0.5 * p_delta**3 * delta
-        v = (xd @ u) * inv
-        wm = (v * (p_mu - p_delta)) @ v.mT
-        wm.diagonal().add_(p_delta)
-        wm /= tr.sqrt()
+        running = _gram_matrix_by_eigh if xc.device.type == "cpu" else _gram_matrix_by_recurrence
+        wm = running(xc.detach(), gram.detach(), trace.detach(), eps, iters)
     return xw, wm, msg
 
 

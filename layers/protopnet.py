@@ -93,11 +93,34 @@ def squared_l2_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Ten
     dtype = torch.promote_types(torch.promote_types(z.dtype, prototypes.dtype), torch.float32)
     with torch.autocast(device_type=z.device.type, enabled=False):
         z32, p32 = z.to(dtype), prototypes.to(dtype)
-        ones = torch.ones((1, *p32.shape[1:]), dtype=dtype, device=z.device)
-        z2 = F.conv2d(z32 * z32, ones)  # (B, 1, H', W')
-        zp = F.conv2d(z32, p32)  # (B, P, H', W')
+        if z.device.type == "cuda":
+            z2, zp = _patch_terms_exact(z32, p32)
+        else:
+            ones = torch.ones((1, *p32.shape[1:]), dtype=dtype, device=z.device)
+            z2 = F.conv2d(z32 * z32, ones)  # (B, 1, H', W')
+            zp = F.conv2d(z32, p32)  # (B, P, H', W')
         p2 = (p32 * p32).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
         return F.relu(z2 - 2.0 * zp + p2)
+
+
+def _patch_terms_exact(z: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(||z_patch||^2 (B, 1, H', W'), z_patch . p (B, P, H', W'))`` without convolutions, for CUDA.
+
+    cuDNN rounds float32 convolution inputs to TF32 (10-bit mantissa) by default
+    (``torch.backends.cudnn.allow_tf32``), which moves a distance that should be 0 (a pushed prototype on
+    its own patch) by ~1e-3 ``||z||^2`` and the log similarity from 9.2 to ~3. A matrix product stays in
+    IEEE float32 unless the user has opted into TF32 (``torch.set_float32_matmul_precision``), and the
+    squared norms are plain sums.
+    """
+    b, d, hh, ww = z.shape
+    n, _, h, w = p.shape
+    zz = (z * z).sum(1, keepdim=True)  # (B, 1, H, W)
+    if h == w == 1:
+        return zz, torch.einsum("bdhw,pd->bphw", z, p.flatten(1))
+    z2 = F.avg_pool2d(zz, (h, w), stride=1) * (h * w)
+    cols = F.unfold(z, (h, w))  # (B, D*h*w, L), the same (d, i, j) order as p.flatten(1)
+    zp = (p.flatten(1) @ cols).view(b, n, hh - h + 1, ww - w + 1)
+    return z2, zp
 
 
 def log_similarity(d: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

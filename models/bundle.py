@@ -144,7 +144,8 @@ def load_pretrained(
     """Load a bundle (folder path or shipped name) and return the network ready for inference.
 
     The network gets ``net.data_config`` (input size, mean/std, class/concept names) and
-    ``net.bundle_config`` (the whole ``config.json``). Nothing is unpickled.
+    ``net.bundle_config`` (the whole ``config.json``), and is placed on ``map_location`` (``"cuda"``: a
+    network on the GPU). Nothing is unpickled.
     """
     path = _resolve(source)
     config = read_bundle_config(path)
@@ -156,6 +157,7 @@ def load_pretrained(
     net = build_model({**config["model_args"], "name": check_architecture(config["architecture"])})
     state = _read_weights(path / WEIGHTS_NAME, map_location)
     load_state_strict(net, state, what=f"bundle {path}")
+    net.to(map_location)  # the network is built on the CPU: place it where its weights were asked for
     net.data_config = config.get("data_config", {})
     net.bundle_config = config
     if eval_mode:

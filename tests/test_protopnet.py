@@ -710,3 +710,18 @@ def test_push_loader_of_a_rank_is_its_whole_shard_under_ddp(monkeypatch) -> None
     assert sorted(seen) == list(range(n))
     # the default arguments give the whole set, also inside a DDP process
     assert torch.cat([b["index"] for b in dm.push_dataloader()]).tolist() == list(range(n))
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_matmul_patch_terms_equal_convolutions(size: int) -> None:
+    """The CUDA route of the distances (matrix products, no TF32-rounded cuDNN convolution) computes the
+    same ``||z_patch||^2`` and ``z_patch . p`` as the convolutions, checked here in float64 on the CPU."""
+    from interpzoo.layers.protopnet import _patch_terms_exact
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 16, 6, 5, generator=g, dtype=torch.float64)
+    p = torch.randn(7, 16, size, size, generator=g, dtype=torch.float64)
+    z2, zp = _patch_terms_exact(z, p)
+    ones = torch.ones(1, 16, size, size, dtype=torch.float64)
+    torch.testing.assert_close(z2, torch.nn.functional.conv2d(z * z, ones))
+    torch.testing.assert_close(zp, torch.nn.functional.conv2d(z, p))

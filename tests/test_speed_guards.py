@@ -133,7 +133,9 @@ def test_guard_fires_once_with_the_layer_name_on_a_diverging_iteration() -> None
 # -- exact backward of the iteration -----------------------------------------------------------------
 @pytest.mark.parametrize("rank", [40, 12])  # full rank, and rank-deficient (clustered eigenvalues)
 def test_eigendecomposition_backward_equals_autograd_through_the_loop(rank: int) -> None:
-    from interpzoo.layers.concept_whitening import _guarded_ns
+    """The CPU route (closed-form backward) and the GPU route (autograd through the products, forced here
+    with ``closed_form=False``) give autograd's gradient through the plain loop."""
+    from interpzoo.layers.concept_whitening import _guarded_ns, _ns_with_grad
 
     g = torch.Generator().manual_seed(rank)
     x = (
@@ -143,15 +145,21 @@ def test_eigendecomposition_backward_equals_autograd_through_the_loop(rank: int)
     sigma = x @ x.T / rank + 1e-5 * torch.eye(40, dtype=torch.float64)
     upstream = torch.randn(40, 40, generator=g, dtype=torch.float64)
     grads = []
-    for fast in (True, False):
+    for route in ("closed_form", "gpu_route", "loop"):
         s = sigma.clone().requires_grad_()
         s_n = s / s.diagonal().sum()
-        p = _guarded_ns(s_n, 10, None)[0] if fast else newton_schulz(s, 10)[0]  # autograd through the loop
+        if route == "closed_form":
+            p = _guarded_ns(s_n, 10, None)[0]
+        elif route == "gpu_route":
+            p = _ns_with_grad(s_n, 10, closed_form=False)
+        else:
+            p = newton_schulz(s, 10)[0]  # autograd through the loop
         (grad,) = torch.autograd.grad((p * upstream).sum(), s)
         grads.append(grad)
-    fast, loop = grads
+    fast, gpu, loop = grads
     sym = lambda a: 0.5 * (a + a.T)  # noqa: E731 - only symmetric perturbations reach a covariance
     assert torch.allclose(sym(fast), sym(loop), atol=1e-9 * float(loop.abs().max()))
+    assert torch.allclose(sym(gpu), sym(loop), atol=1e-9 * float(loop.abs().max()))
 
 
 # -- Gram route (m < C) --------------------------------------------------------------------------------
@@ -271,3 +279,26 @@ def test_benchmark_reference_iternorm_rotation_matches_the_layer() -> None:
     ref.eval()
     assert torch.allclose(ref(x), ours(x), atol=1e-10)
     assert math.isfinite(float(g_ref.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_running_matrix_recurrence_equals_eigh_and_exact(dtype: torch.dtype) -> None:
+    """The GPU route for the running W of a rank-deficient batch (divided-difference recurrence, products
+    only, float64 inside) equals the CPU route (eigh) and the exact p_T(Sigma_N) / sqrt(tr)."""
+    from interpzoo.layers.concept_whitening import _gram_matrix_by_eigh, _gram_matrix_by_recurrence
+
+    x = _rank_deficient_batch(c=48, b=2, hw=4, dtype=torch.float64)  # m = 32 < 48
+    xc = _pixels(x)
+    xc = xc - xc.mean(1, keepdim=True)
+    sigma = xc @ xc.T / xc.shape[1] + 1e-5 * torch.eye(48, dtype=torch.float64)
+    exact = _exact_whitening(sigma, 10)
+    xc = xc.to(dtype)
+    gram = xc.T @ xc
+    tr = gram.diagonal().sum() / xc.shape[1] + 48 * 1e-5
+    by_rec = _gram_matrix_by_recurrence(xc, gram, tr, 1e-5, 10)
+    by_eigh = _gram_matrix_by_eigh(xc, gram, tr, 1e-5, 10)
+    assert by_rec.dtype == dtype
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    scale = float(exact.abs().max())
+    assert (by_rec.double() - exact).abs().max() < tol * scale
+    assert (by_rec.double() - by_eigh.double()).abs().max() < tol * scale
