@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks and figures in one go (about 6 minutes on one H200):
+# The GPU checks and figures in one go (about 7 minutes on one H200):
 #   1. the throughput benchmark on torchvision resnet18 at 224 px, batch 64 (every method, the CW layer
 #      against the reference layer, CW on resnet18 at 112 px), bf16 autocast + channels_last, CUDA events;
-#   2. the same on resnet50 for the methods whose trunk is the backbone;
+#   2. the same on resnet50 for the methods whose trunk is the backbone, and resnet18 at batch 256 (at batch 64
+#      an H200 waits for the host: see benchmarks/gpu_profile.txt);
 #   3. tests/test_gpu.py (bf16 + channels_last training against CPU fp32 logits, torch.compile);
 #   4. every method again with torch.compile;
 #   5. a profile of the CW and ProtoPNet steps (benchmarks/profile_step.py): the operators that cost the most.
@@ -24,6 +25,8 @@ timeout "${T_R18:-210}" $py "${bench[@]}" --backbone resnet18 --out "$out/throug
 echo "== 2. resnet50, 224 px" | tee -a "$out/log.txt"
 timeout "${T_R50:-120}" $py "${bench[@]}" --backbone resnet50 --sections methods --methods baseline protopnet cw icnn \
   --out "$out/throughput_results_gpu_resnet50.md" 2>&1 | tee -a "$out/log.txt"
+timeout "${T_R18_256:-90}" $py "${bench[@]}" --batch-size 256 --backbone resnet18 --sections methods \
+  --methods baseline protopnet cw icnn --out "$out/throughput_results_gpu_resnet18_b256.md" 2>&1 | tee -a "$out/log.txt"
 echo "== 3. tests/test_gpu.py" | tee -a "$out/log.txt"
 timeout "${T_TEST:-200}" $py -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$out/test_gpu.txt" | tail -25 | tee -a "$out/log.txt"
 echo "== 4. resnet18, 224 px, torch.compile" | tee -a "$out/log.txt"

@@ -302,3 +302,25 @@ def test_gram_running_matrix_recurrence_equals_eigh_and_exact(dtype: torch.dtype
     scale = float(exact.abs().max())
     assert (by_rec.double() - exact).abs().max() < tol * scale
     assert (by_rec.double() - by_eigh.double()).abs().max() < tol * scale
+
+
+def test_throughput_benchmark_command_writes_the_chosen_rows(tmp_path) -> None:
+    """``python benchmarks/throughput.py --quick --methods ...`` as a user types it: the table holds the
+    chosen methods' rows, with positive times and ratios, and the command and clock it was run with."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "tp.md"
+    cmd = [sys.executable, "benchmarks/throughput.py", "--quick", "--sections", "methods",
+           "--methods", "baseline", "softae", "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=600, capture_output=True)
+    text = out.read_text()
+    rows = [r for r in text.splitlines() if r.startswith("| ") and not r.startswith("| method")]
+    assert [r.split("|")[1].strip() for r in rows] == ["baseline", "soft AE"]
+    for r in rows:
+        ratio = float(re.search(r"\| (\d+\.\d+) \[", r).group(1))
+        assert 0.2 < ratio < 5.0, r
+    assert "--methods baseline softae" in text and "process CPU time" in text
