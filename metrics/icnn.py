@@ -189,6 +189,15 @@ class LocationInstability(Metric):
 
 
 @torch.no_grad()
+def _check_dissection_inputs(activations: torch.Tensor, part_masks: torch.Tensor) -> None:
+    """Raise a ``ValueError`` naming both shapes unless they are ``(N, C, h, w)`` and ``(N, K, H, W)``."""
+    if activations.dim() != 4 or part_masks.dim() != 4 or activations.shape[0] != part_masks.shape[0]:
+        raise ValueError(
+            f"activations must be (N, C, h, w) and part_masks (N, K, H, W) for the same N; got "
+            f"{tuple(activations.shape)} and {tuple(part_masks.shape)}"
+        )
+
+
 def part_dissection(
     activations: torch.Tensor,
     part_masks: torch.Tensor,
@@ -213,11 +222,7 @@ def part_dissection(
         ``iou`` ``(C, K)``, ``best_iou`` ``(C,)``, ``best_part`` ``(C,)``, scalars ``part_iou`` (mean best
         IoU over units), ``num_part_detectors`` (units above the threshold) and ``num_unique_parts``.
     """
-    if activations.dim() != 4 or part_masks.dim() != 4 or activations.shape[0] != part_masks.shape[0]:
-        raise ValueError(
-            f"activations must be (N, C, h, w) and part_masks (N, K, H, W) for the same N; got "
-            f"{tuple(activations.shape)} and {tuple(part_masks.shape)}"
-        )
+    _check_dissection_inputs(activations, part_masks)
     n, c = activations.shape[:2]
     k, H, W = part_masks.shape[1:]
     masks = part_masks.bool()
@@ -326,11 +331,7 @@ def area_matched_part_iou(
         IoU over units), ``detection_rate`` (fraction of units above ``iou_threshold``),
         ``num_part_detectors`` and ``num_unique_parts``.
     """
-    if activations.dim() != 4 or part_masks.dim() != 4 or activations.shape[0] != part_masks.shape[0]:
-        raise ValueError(
-            f"activations must be (N, C, h, w) and part_masks (N, K, H, W) for the same N; got "
-            f"{tuple(activations.shape)} and {tuple(part_masks.shape)}"
-        )
+    _check_dissection_inputs(activations, part_masks)
     n, c = activations.shape[:2]
     k, H, W = part_masks.shape[1:]
     masks = part_masks.bool().transpose(0, 1).reshape(k, -1).cpu()  # (K, N*H*W) in the unit's pixel order
