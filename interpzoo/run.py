@@ -361,7 +361,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     result: dict[str, Any] = {"metrics": metrics, "best_checkpoint": best}
     if trainer.is_global_zero:
-        write_json(out_dir / "metrics.json", metrics)
+        _write_metrics(out_dir, metrics)
         if cfg.get("export", True):
             result["bundle"] = str(export_bundle(module, out_dir / "bundle", cfg, metrics, best))
         if cfg.get("report", True):
@@ -369,6 +369,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _log_outputs(loggers, out_dir, result, cfg)
         _print_summary(out_dir, metrics, result, time.time() - start, loggers)
     return metrics
+
+
+def _write_metrics(out_dir: Path, metrics: dict[str, float]) -> None:
+    """``metrics.json`` (name -> number) and ``metrics_kinds.json``: what each number is and how to read it
+    (task, scored with or without a ceiling on this data, descriptive; :mod:`interpzoo.metrics.catalog`)."""
+    from interpzoo.metrics.catalog import describe
+
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "metrics_kinds.json", describe(metrics))
 
 
 def _best_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -420,9 +429,15 @@ def _print_summary(
         except ValueError:
             return str(p)
 
-    rows: list[tuple[str, str]] = [(name, f"{value:.4f}") for name, value in sorted(metrics.items())]
+    from interpzoo.metrics.catalog import summary_rows
+
+    rows = summary_rows(metrics)
     outputs: list[tuple[str, str]] = [("run folder", str(out_dir))]
-    for name, file in (("resolved config", "config.yaml"), ("metrics", "metrics.json")):
+    for name, file in (
+        ("resolved config", "config.yaml"),
+        ("metrics", "metrics.json"),
+        ("what each metric is", "metrics_kinds.json"),
+    ):
         if (out_dir / file).is_file():
             outputs.append((name, file))
     if result.get("best_checkpoint"):
@@ -436,9 +451,17 @@ def _print_summary(
         outputs.append((f"logger: {kind}", rel(folder) if folder else "-"))
     for name in result.get("artifacts", []):
         outputs.append(("wandb artifact", f"{name} (type model: the bundle)"))
-    width = max(len(k) for k, _ in rows + outputs)
-    lines = [f"\nrun finished in {seconds:.0f} s", f"  {'metric':<{width}}  value", f"  {'-' * width}  -----"]
-    lines += [f"  {k:<{width}}  {v}" for k, v in rows] or [f"  {'(none)':<{width}}"]
+    width = max(len(r[0]) for r in rows + outputs)
+    head = ("value", "ceiling", "random", "norm")
+    lines = [
+        f"\nrun finished in {seconds:.0f} s (scored metrics: ceiling = ground-truth oracle, random = chance, "
+        "norm = (value - random) / (ceiling - random))",
+        f"  {'metric':<{width}}  " + "  ".join(f"{h:>10}" for h in head) + "  kind",
+        f"  {'-' * width}  " + "  ".join("-" * 10 for _ in head) + "  ----",
+    ]
+    lines += [f"  {r[0]:<{width}}  " + "  ".join(f"{v:>10}" for v in r[1:5]) + f"  {r[5]}" for r in rows] or [
+        f"  {'(none)':<{width}}"
+    ]
     lines += [f"  {'output':<{width}}  path (relative to the run folder)", f"  {'-' * width}  ----"]
     lines += [f"  {k:<{width}}  {v}" for k, v in outputs]
     log_print("\n".join(lines))
@@ -522,7 +545,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics = _final_metrics(trainer, ("test/",))
     if trainer.is_global_zero:
         atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        write_json(out_dir / "metrics.json", metrics)
+        _write_metrics(out_dir, metrics)
         _log_outputs(loggers, out_dir, {"metrics": metrics}, cfg)
         _print_summary(out_dir, metrics, {}, time.time() - start, loggers)
     return metrics

@@ -114,6 +114,64 @@ def concept_faithfulness_scores(
     return pearson_rows(rel, -delta)
 
 
+def _sample_keys(index: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """``(B, k)`` pseudo-random keys in [0, 1) that depend only on each sample's dataset index, the
+    concept and ``seed``: the same sample gets the same random ordering on any rank of any sharding."""
+    i = index.detach().to(torch.float64).view(-1, 1)
+    j = torch.arange(k, dtype=torch.float64, device=index.device).view(1, -1)
+    x = torch.sin(i * 12.9898 + j * 78.233 + float(seed) * 37.719) * 43758.5453
+    return x - x.floor()
+
+
+def faithfulness_references(
+    relevance: torch.Tensor, delta: torch.Tensor, seed: int = 0, index: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-sample faithfulness of the model and of its two references, on the same interventions.
+
+    * ``""``: ``corr_i(relevance_i, -Delta_i)``, the model's score;
+    * ``"_ceiling"``: the oracle explanation, whose relevance of concept ``i`` *is* the effect of removing
+      it (``-Delta_i``): 1 wherever the effects are not all equal;
+    * ``"_random"``: the model's own relevance values dealt to the concepts in a seeded random order per
+      sample. Averaged over orderings, ``corr(perm(r), -Delta)`` is exactly 0 (every position receives
+      the mean of ``r``), so it is chance at the model's own relevance distribution.
+
+    With ``index`` (the samples' dataset indices, ``(B,)``) each sample's ordering depends on its index
+    only, so the baseline is the same under any DDP sharding; without it, on ``seed`` and the batch position.
+
+    Shape:
+        ``relevance`` ``(B, k)``, ``delta`` ``(B, k)`` to ``{name: (B,)}`` (NaN where undefined).
+    """
+    if index is not None:
+        keys = _sample_keys(index, relevance.shape[1], seed)
+    else:
+        keys = torch.rand(relevance.shape, generator=torch.Generator().manual_seed(int(seed)))
+    order = keys.argsort(dim=1).to(relevance.device)
+    return {
+        "": pearson_rows(relevance, -delta),
+        "_ceiling": pearson_rows(-delta, -delta),
+        "_random": pearson_rows(relevance.gather(1, order), -delta),
+    }
+
+
+def concept_faithfulness_references(
+    concepts: torch.Tensor,
+    relevances: torch.Tensor,
+    baseline: torch.Tensor | None = None,
+    relevance: str = "theta",
+    seed: int = 0,
+    index: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`concept_faithfulness_scores` with its oracle ceiling and random baseline
+    (:func:`faithfulness_references`), from one set of interventions."""
+    if relevance not in ("theta", "contribution"):
+        raise ValueError(f"relevance must be 'theta' or 'contribution', got {relevance!r}")
+    delta, pred, _ = concept_intervention_deltas(concepts, relevances, baseline)
+    rel = relevances.gather(2, pred[:, None, None].expand(-1, relevances.shape[1], 1)).squeeze(2)
+    if relevance == "contribution":
+        rel = rel * concepts
+    return faithfulness_references(rel, delta, seed, index)
+
+
 @torch.no_grad()
 def input_faithfulness_scores(
     net: Callable[[torch.Tensor], Any],
@@ -121,7 +179,10 @@ def input_faithfulness_scores(
     medians: torch.Tensor,
     out: Any | None = None,
     chunk: int = 256,
-) -> torch.Tensor:
+    references: bool = False,
+    seed: int = 0,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """Per-sample input-level faithfulness for the input conceptizer (median intervention).
 
     Every input entry ``j`` is set to its training median and the *whole* network is re-run
@@ -133,9 +194,11 @@ def input_faithfulness_scores(
         x: ``(B, *input)`` raw inputs; medians: ``(*input)`` training medians in the same space.
         out: ``net(x)`` if already computed.
         chunk: interventions evaluated per forward pass and sample.
+        references: return ``{"", "_ceiling", "_random"}`` scores (:func:`faithfulness_references`).
+        seed, index: the random baseline's orderings (:func:`faithfulness_references`).
 
     Returns:
-        ``(B,)``.
+        ``(B,)``, or the dict of three with ``references``.
     """
     out = net(x) if out is None else out
     probs = torch.softmax(out.logits.double(), dim=1)
@@ -157,6 +220,8 @@ def input_faithfulness_scores(
         deltas.append(pn.gather(2, pred[:, None, None].expand(-1, n, 1)).squeeze(2) - p)
     delta = torch.cat(deltas, dim=1)
     rel = out.relevances[:, :d, :].gather(2, pred[:, None, None].expand(-1, d, 1)).squeeze(2)
+    if references:
+        return faithfulness_references(rel, delta, seed, index)
     return pearson_rows(rel, -delta)
 
 

@@ -23,18 +23,22 @@ DDP, per statistic:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from interpzoo.datamodules.base import fixed_subset_indices
 from interpzoo.layers.icnn import FilterLossOutput, PartFilterLoss, official_filter_grad
-from interpzoo.metrics.calibration import Score
+from interpzoo.metrics.calibration import Score, normalised_score
 from interpzoo.metrics.icnn import LocationInstability, part_iou_scores, project_maps, random_directions
 from interpzoo.models.lit_base import ClassificationModule, batch_input
 from interpzoo.utils import did_you_mean
+
+LOCATION_RANDOM_UNITS = 32
 
 __all__ = ["ICNNModule"]
 
@@ -161,17 +165,26 @@ class ICNNModule(ClassificationModule):
             )
         channels = self.net.assignments[self.eval_layer].filter_class.numel()
         if self.landmark_ids:
+            # The references of location instability, read on the same images: the oracle (one unit per
+            # part reporting the part's mask pooled onto the layer's grid; where the data has part masks)
+            # and LOCATION_RANDOM_UNITS random unit directions of the layer's channels (Bau et al. 2017).
+            dirs = random_directions(channels, LOCATION_RANDOM_UNITS, int(self.metric_cfg["part_iou_seed"]))
+            self.register_buffer("location_random_directions", dirs, persistent=False)
+            units = {"": channels, "_random": LOCATION_RANDOM_UNITS, "_ceiling": len(parts or [])}
             for stage in ("val", "test"):
-                setattr(
-                    self,
-                    f"{stage}_location",
-                    LocationInstability(
-                        channels,
-                        len(self.landmark_ids),
-                        self.metric_cfg["top_m"],
-                        self.metric_cfg["select_ratio"],
-                    ),
-                )
+                for ref, n in units.items():
+                    if n == 0:
+                        continue
+                    setattr(
+                        self,
+                        f"{stage}_location{ref}",
+                        LocationInstability(
+                            n,
+                            len(self.landmark_ids),
+                            self.metric_cfg["top_m"],
+                            self.metric_cfg["select_ratio"],
+                        ),
+                    )
 
     # -- network ---------------------------------------------------------------------------------
     def net_config(self) -> dict[str, Any]:
@@ -266,15 +279,31 @@ class ICNNModule(ClassificationModule):
         cand = None
         if self.metric_cfg["candidates"] == "category":
             cand = self.net.assignments[self.eval_layer].positive(batch["label"])
-        metric.update(
-            feat,
+        lm, vis, size = (
             batch["landmarks"][:, ids],
             batch["landmark_visible"][:, ids],
             tuple(batch["image"].shape[-2:]),
-            index=batch.get("index"),
-            candidates=cand,
         )
+        metric.update(feat, lm, vis, size, index=batch.get("index"), candidates=cand)
         self.log(f"{stage}/location_instability", metric, on_step=False, on_epoch=True)
+        refs = {"_random": project_maps(feat.detach(), self.location_random_directions)}
+        if "part_masks" in batch and hasattr(self, f"{stage}_location_ceiling"):
+            # each part's mask average-pooled onto the grid (as interpzoo.scorecard.parts.pooled_part_maps)
+            refs["_ceiling"] = F.adaptive_avg_pool2d(batch["part_masks"].to(feat.dtype), feat.shape[-2:])
+        for ref, maps in refs.items():
+            ref_metric = getattr(self, f"{stage}_location{ref}")
+            ref_metric.update(maps, lm, vis, size, index=batch.get("index"))
+            self.log(f"{stage}/location_instability{ref}", ref_metric, on_step=False, on_epoch=True)
+
+    def _log_location_norm(self, stage: str) -> None:
+        """``<stage>/location_instability_norm`` (lower is better: the oracle's ceiling is below random)."""
+        metrics = [getattr(self, f"{stage}_location{r}", None) for r in ("", "_random", "_ceiling")]
+        if any(m is None or m.update_count == 0 for m in metrics):
+            return
+        raw, rnd, ceiling = (float(m.compute()) for m in metrics)
+        norm = normalised_score(raw, rnd, ceiling)
+        if math.isfinite(norm):
+            self.log(f"{stage}/location_instability_norm", norm, sync_dist=False)
 
     @torch.no_grad()
     def collect_part_maps(self, loader: Iterable[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -330,6 +359,8 @@ class ICNNModule(ClassificationModule):
         super().on_validation_epoch_end()
         if not self.trainer.sanity_checking:
             self._dissect("val")
+            self._log_location_norm("val")
 
     def on_test_epoch_end(self) -> None:
         self._dissect("test")
+        self._log_location_norm("test")

@@ -189,7 +189,11 @@ _READERS = ("", "_oracle", "_random")
 class _MetricSet(nn.Module):
     def __init__(self, classes: torch.Tensor, num_classes: int, num_parts: int, cfg: dict[str, Any]) -> None:
         super().__init__()
-        self.class_purity = PrototypeClassPurity(classes, k=cfg["class_purity_k"])
+        # the class-purity references: a label oracle (similarity 1 on own-class images, 0 elsewhere) and the
+        # random prototypes in the trained latent space
+        for r in _READERS:
+            setattr(self, f"class_purity{r}", PrototypeClassPurity(classes, k=cfg["class_purity_k"]))
+        self.register_buffer("prototype_classes", classes.clone(), persistent=False)
         self.explanation_size = ExplanationSize(cfg["explanation_fraction"])
         self.has_parts = num_parts > 0
         if self.has_parts:
@@ -563,11 +567,15 @@ class ProtoPNetModule(ClassificationModule):
         y, x = batch["label"], batch["image"]
         size = tuple(x.shape[2:])
         m.class_purity.update(out.min_distances, y)
+        random_maps = self._random_maps(out.features)
+        # class purity ranks images by -min_distance; any score ordered the same way gives the same top-k
+        m.class_purity_random.update(-random_maps.flatten(2).amax(2), y)
+        m.class_purity_oracle.update(-(y.view(-1, 1) == m.prototype_classes.view(1, -1)).float(), y)
         m.explanation_size.update(out.similarities, self.net.last_layer.weight, out.logits.argmax(1))
         if not m.has_parts:
             return
         masks = batch.get("part_masks")
-        maps = {"": out.similarity_maps, "_random": self._random_maps(out.features)}
+        maps = {"": out.similarity_maps, "_random": random_maps}
         if masks is not None:
             maps["_oracle"] = F.adaptive_avg_pool2d(
                 masks.to(out.features.dtype), out.similarity_maps.shape[2:]
@@ -615,9 +623,11 @@ class ProtoPNetModule(ClassificationModule):
                 if hasattr(metric, "set_active"):
                     metric.set_active(net.prototype_mask)
             if int(m.explanation_size.n) > 0 or self.trainer.world_size > 1:
-                cp = m.class_purity.compute()
-                values["prototype_class_purity"] = float(cp["mean"])
-                values["prototype_prune_fraction"] = float(cp["prune_fraction"])
+                for key, name in (
+                    ("mean", "prototype_class_purity"),
+                    ("prune_fraction", "prototype_prune_fraction"),
+                ):
+                    self._calibrated(values, m, "class_purity", name, lambda v, key=key: float(v[key]))
                 values["explanation_size"] = float(m.explanation_size.compute())
                 if m.has_parts and m.consistency.update_count > 0:
                     self._calibrated(values, m, "consistency", "prototype_consistency", float)

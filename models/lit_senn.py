@@ -10,6 +10,7 @@ by :mod:`interpzoo.reports.senn`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from interpzoo.layers.senn import (
     robustness_loss,
     subbatch_robustness_loss,
 )
+from interpzoo.metrics.calibration import normalised_score
 from interpzoo.metrics.senn import (
     LIPSCHITZ_METHODS,
     LIPSCHITZ_MODES,
@@ -37,13 +39,15 @@ from interpzoo.metrics.senn import (
     DeadConcepts,
     LocalLipschitz,
     MeanScore,
-    concept_faithfulness_scores,
+    concept_faithfulness_references,
     input_faithfulness_scores,
     local_lipschitz,
 )
 from interpzoo.models.lit_base import ClassificationModule, batch_input
 from interpzoo.models.senn import SENN, SENNOutput
 from interpzoo.utils import did_you_mean
+
+FAITHFULNESS_NAMES = ("faithfulness", "faithfulness_median", "faithfulness_input")
 
 __all__ = ["LIPSCHITZ_DEFAULTS", "SENNModule"]
 
@@ -168,9 +172,11 @@ class SENNModule(ClassificationModule):
         def stage_metrics() -> nn.ModuleDict:
             return nn.ModuleDict(
                 {
-                    "faithfulness": MeanScore(),
-                    "faithfulness_median": MeanScore(),
-                    "faithfulness_input": MeanScore(),
+                    **{
+                        f"{name}{ref}": MeanScore()
+                        for name in FAITHFULNESS_NAMES
+                        for ref in ("", "_ceiling", "_random")
+                    },
                     "concept_sparsity": ConceptSparsity(),
                     "dead_concepts": DeadConcepts(k),
                     "concept_l1": MeanMetric(),
@@ -188,6 +194,7 @@ class SENNModule(ClassificationModule):
         self._concept_medians: torch.Tensor | None = None
         self._input_medians: torch.Tensor | None = None
         self._eval_batch_idx = 0
+        self._faithfulness_logged: set[str] = set()
 
     # -- losses ----------------------------------------------------------------------------------
     def robustness_penalty(self, x: torch.Tensor, out: SENNOutput, create_graph: bool = True) -> torch.Tensor:
@@ -261,22 +268,33 @@ class SENNModule(ClassificationModule):
             logged.append("reconstruction_mse")
         if self.hparams.faithfulness:
             rel = self.hparams.faithfulness_relevance
-            m["faithfulness"].update(concept_faithfulness_scores(h, theta, relevance=rel))
-            logged.append("faithfulness")
+            # the random baseline's orderings follow each sample's dataset index: the same on any sharding
+            seed, index = self._eval_batch_idx, batch.get("index")
+            scores = {
+                "faithfulness": concept_faithfulness_references(
+                    h, theta, relevance=rel, seed=seed, index=index
+                )
+            }
             if self._concept_medians is not None:
                 medians = self._concept_medians.to(h)
-                m["faithfulness_median"].update(concept_faithfulness_scores(h, theta, medians, relevance=rel))
-                logged.append("faithfulness_median")
+                scores["faithfulness_median"] = concept_faithfulness_references(
+                    h, theta, medians, relevance=rel, seed=seed, index=index
+                )
             x = batch_input(batch)
             if (
                 self.net.uses_input_concepts
                 and self._input_medians is not None
                 and x[0].numel() <= self.hparams.input_faithfulness_max_features
             ):
-                m["faithfulness_input"].update(
-                    input_faithfulness_scores(self.net, x, self._input_medians, out)
+                scores["faithfulness_input"] = input_faithfulness_scores(
+                    self.net, x, self._input_medians, out, references=True, seed=seed, index=index
                 )
-                logged.append("faithfulness_input")
+            # the oracle ceiling and the random baseline of each, read on the same interventions
+            self._faithfulness_logged.update(scores)
+            for name, refs in scores.items():
+                for ref, value in refs.items():
+                    m[f"{name}{ref}"].update(value)
+                    logged.append(f"{name}{ref}")
         if stage == "val" and self._eval_batch_idx < self.hparams.val_penalty_batches:
             # Validation runs under inference mode: leave it, and enable gradients, on this batch only.
             with torch.inference_mode(False), torch.enable_grad():
@@ -385,9 +403,22 @@ class SENNModule(ClassificationModule):
                 self.log(f"{stage}/lipschitz_max", res["max"], sync_dist=False)
                 self.log(f"{stage}/lipschitz_undefined", res["undefined"], sync_dist=False)
 
+    def _log_faithfulness_norm(self, stage: str) -> None:
+        """``<stage>/faithfulness*_norm`` from the epoch's (DDP-reduced) model, ceiling and random means."""
+        m = self.senn_metrics[stage]
+        # which variants run depends on the config and the data only, so every rank walks the same list
+        for name in (n for n in FAITHFULNESS_NAMES if n in self._faithfulness_logged):
+            raw, ceiling, rnd = (float(m[f"{name}{r}"].compute()) for r in ("", "_ceiling", "_random"))
+            norm = normalised_score(raw, rnd, ceiling)
+            if math.isfinite(norm):
+                self.log(f"{stage}/{name}_norm", norm, sync_dist=False)
+
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
+        if not self.trainer.sanity_checking:
+            self._log_faithfulness_norm("val")
         self._log_lipschitz("val")
 
     def on_test_epoch_end(self) -> None:
+        self._log_faithfulness_norm("test")
         self._log_lipschitz("test")

@@ -176,6 +176,7 @@ def _check_main_job(command: str, work: Path, main_run: Path) -> None:
     for name in (
         "config.yaml",
         "metrics.json",
+        "metrics_kinds.json",
         "checkpoints/last.ckpt",
         "bundle/config.json",
         "bundle/model.safetensors",
@@ -189,6 +190,11 @@ def _check_main_job(command: str, work: Path, main_run: Path) -> None:
     }
     metrics = _metrics(main_run)
     assert 0 <= metrics["test/acc"] <= 1 and "val/acc" in metrics and "test/prototype_class_purity" in metrics
+    # the newcomer's first run reads every interpretability number against its ceiling or as descriptive
+    kinds = json.loads((main_run / "metrics_kinds.json").read_text())
+    assert not [k for k, v in kinds.items() if v["kind"] == "unclassified"]
+    assert metrics["test/prototype_class_purity_ceiling"] > metrics["test/prototype_class_purity_random"]
+    assert "test/gt/part_consistency_norm" in metrics
 
 
 def _check_fdr(command: str, work: Path, main_run: Path) -> None:
