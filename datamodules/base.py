@@ -222,6 +222,14 @@ class BaseDataModule(pl.LightningDataModule):
             "folder datamodule with concepts.train_dir / concepts.test_dir set."
         )
 
+    def concept_negative_datasets(self, split: str = "train") -> dict[str, Dataset]:
+        """One dataset of images *without* each concept (contrastive concept whitening), keyed like
+        :meth:`concept_datasets`."""
+        raise DataError(
+            f"{type(self).__name__} has no negative concept sets, which net.alignment=contrastive needs; use "
+            "data=partshapes (negatives re-rendered without the concept) or net.alignment=paper."
+        )
+
     def concept_dataloaders(
         self,
         split: str = "train",
@@ -233,6 +241,7 @@ class BaseDataModule(pl.LightningDataModule):
         seed: int = 1234,
         num_samples: int | None = None,
         sample_seed: int | None = None,
+        negatives: bool = False,
     ) -> dict[str, DataLoader]:
         """One DataLoader per concept probe set (:meth:`concept_datasets`), sharded across ranks.
 
@@ -254,12 +263,13 @@ class BaseDataModule(pl.LightningDataModule):
             num_samples: keep at most this many images per concept, chosen before sharding: the first
                 ones, or with ``sample_seed`` a fixed random subset (seed ``sample_seed + j``, sorted).
             sample_seed: see ``num_samples``.
+            negatives: the sets of images without each concept (:meth:`concept_negative_datasets`).
 
         Returns:
             ``{concept name: DataLoader}`` in the order of ``concepts``.
         """
         self.setup()
-        sets = self.concept_datasets(split)
+        sets = self.concept_negative_datasets(split) if negatives else self.concept_datasets(split)
         names = list(sets) if concepts is None else [str(c) for c in concepts]
         missing = [c for c in names if c not in sets]
         if missing:

@@ -334,6 +334,34 @@ class ImageFolderDataModule(BaseDataModule):
             out[name] = ImageFileDataset([(p, i) for p in images], plain)
         return out
 
+    def concept_negative_datasets(self, split: str = "train") -> dict[str, Dataset]:
+        """``{concept: images without it}`` for contrastive concept whitening: a parallel folder tree.
+
+        The negatives of ``<concepts dir>/<concept>/`` are the images in ``<concepts dir>_neg/<concept>/``
+        (e.g. ``concepts_train/striped/`` and ``concepts_train_neg/striped/``): ideally the same scenes
+        without the concept, else images that do not show it. Every concept needs its folder.
+        """
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        key = f"concepts_{split}_dir"
+        sub = getattr(self, key)
+        if sub is None:
+            raise DataError(f"no concept {split} folder: set data.{key} (its negatives go in '<it>_neg/')")
+        names = self._concept_names() or []
+        path = self._path(str(sub).rstrip("/\\") + "_neg")
+        plain = eval_pipeline(self.image_size)
+        out: dict[str, Dataset] = {}
+        for i, name in enumerate(names):
+            images = list_images(path / name) if (path / name).is_dir() else []
+            if not images:
+                raise DataError(
+                    f"contrastive concept whitening needs images without concept {name!r} in '{path / name}/' "
+                    f"(a folder parallel to '{self._path(sub) / name}/'); add them or set "
+                    f"model.net.alignment=paper."
+                )
+            out[name] = ImageFileDataset([(p, i) for p in images], plain)
+        return out
+
     @property
     def data_info(self) -> dict[str, Any]:
         classes = self._class_names()

@@ -802,6 +802,36 @@ class PartShapesRenderer:
         """Rendered :meth:`draw_probe`; ``sample.label`` is the concept's index in :attr:`concept_names`."""
         return self.sample_from_spec(self.draw_probe(concept, split, index))
 
+    def draw_probe_negative(self, concept: str, split: str, index: int) -> SampleSpec:
+        """Probe ``index`` of ``concept`` with the concept removed: the paired negative of :meth:`draw_probe`.
+
+        The same layout, noise, part and other attributes; only the attribute that carries the concept is
+        redrawn among the values that do not (``has_striped``: a texture other than both stripes;
+        ``head_colour_red``: another colour). So positive and negative differ by the concept alone, which
+        is what contrastive concept whitening contrasts. ``spec.label`` stays the concept's index.
+        """
+        ci = self.concept_index(concept)
+        spec = self.draw_probe(concept, split, index)
+        if ci < self.n_slot_concepts:
+            slot, rest = divmod(ci, self._block)
+            f = int(np.searchsorted(self._fam_offset, rest, side="right") - 1)
+            carrying: tuple[int, ...] = (rest - self._fam_offset[f],)
+        else:
+            slot = int(np.flatnonzero(spec.present)[0])
+            f, carrying = self._presence[ci - self.n_slot_concepts]
+        n_values = (len(self.shapes), len(self.colours), len(self.textures))[f]
+        others = [v for v in range(n_values) if v not in carrying]
+        if not others:
+            raise ValueError(f"concept {concept!r} is carried by every {FAMILIES[f]}: it has no negative")
+        # a stream of its own: the positive's draws are untouched, so the pair shares everything else
+        u = self._rng([PROBE_SPLIT_OFFSET + _split_id(split), ci, int(index), 1]).random()
+        spec.attrs[slot, f] = others[min(int(u * len(others)), len(others) - 1)]
+        return spec
+
+    def render_probe_negative(self, concept: str, split: str, index: int) -> PartShapesSample:
+        """Rendered :meth:`draw_probe_negative` (its concept vector has ``concept`` off)."""
+        return self.sample_from_spec(self.draw_probe_negative(concept, split, index))
+
 
 # ----------------------------------------------------------------------------------------------
 # torch Datasets
@@ -969,10 +999,19 @@ class PartShapesConceptDataset(Dataset):
     concept vector), ``"concept_mask"`` ``(H, W)`` bool (pixels of the concept's part).
     Deterministic per (seed, split, concept, index); "train" and "test" probes never share seeds
     with each other or with the main splits.
+
+    ``negative=True``: item ``i`` is probe ``i`` with the concept removed
+    (:meth:`PartShapesRenderer.draw_probe_negative`), the paired negative of contrastive alignment.
     """
 
     def __init__(
-        self, renderer: PartShapesRenderer, concept: str, split: str, n: int, grayscale: bool = False
+        self,
+        renderer: PartShapesRenderer,
+        concept: str,
+        split: str,
+        n: int,
+        grayscale: bool = False,
+        negative: bool = False,
     ) -> None:
         renderer.concept_index(concept)
         _split_id(split)
@@ -981,6 +1020,7 @@ class PartShapesConceptDataset(Dataset):
         self.split = split
         self.n = int(n)
         self.grayscale = grayscale
+        self.negative = bool(negative)
 
     def __len__(self) -> int:
         return self.n
@@ -989,7 +1029,8 @@ class PartShapesConceptDataset(Dataset):
         index = int(index)
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for probe set of size {self.n}")
-        smp = self.renderer.render_probe(self.concept, self.split, index)
+        render = self.renderer.render_probe_negative if self.negative else self.renderer.render_probe
+        smp = render(self.concept, self.split, index)
         return {
             "image": image_to_tensor(smp.image, self.grayscale),
             "label": torch.tensor(smp.label, dtype=torch.long),

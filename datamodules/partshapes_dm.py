@@ -242,3 +242,20 @@ class PartShapesDataModule(BaseDataModule):
             c: PartShapesConceptDataset(self.renderer, c, split, n, grayscale=self.grayscale)
             for c in self.concepts
         }
+
+    def concept_negative_datasets(self, split: str = "train") -> dict[str, Dataset]:
+        """``{concept: negatives}`` for contrastive concept whitening, keyed like :meth:`concept_datasets`.
+
+        Item ``i`` is probe ``i`` of :meth:`concept_datasets` re-rendered with the concept removed (same
+        layout, noise, part and other attributes; only the attribute carrying the concept is changed, see
+        :meth:`PartShapesRenderer.draw_probe_negative`): paired interventions, so the difference of their
+        mean activations is the concept's own effect. Works for presence (``has_red``) and per-slot
+        (``head_colour_red``) concepts; each item's ``"concepts"`` vector has the concept off.
+        """
+        if split not in ("train", "val", "test"):
+            raise DataError(f"concept split must be 'train', 'val' or 'test', got {split!r}")
+        n = self.n_concept_train if split == "train" else self.n_concept_test
+        return {
+            c: PartShapesConceptDataset(self.renderer, c, split, n, grayscale=self.grayscale, negative=True)
+            for c in self.concepts
+        }

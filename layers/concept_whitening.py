@@ -34,6 +34,14 @@ moving average of ``-d phi(z_j) / d R[j, :]`` into row ``j`` of ``sum_G``; then
 :meth:`ConceptWhitening2d.update_rotation_matrix` takes Cayley-transform steps with a curvilinear
 (Wen & Yin) line search that keep ``R`` exactly orthogonal.
 
+Contrastive alignment (``alignment="contrastive"``, our addition; not in the paper): Eq. 3 only maximises
+the mean activation of each concept's images, so axis ``j`` also learns whatever those images share with
+images *without* the concept (a common component). The contrastive objective maximises
+``sum_j [mean_{x in X_j^+} phi(z_j(x)) - mean_{x in X_j^-} phi(z_j(x))]`` over orthogonal ``R``: concept
+passes with ``negative=True`` write the same per-image gradient into ``sum_G_neg`` / ``counter_neg``, and the
+update follows ``G = sum_G / counter - sum_G_neg / counter_neg`` by the same Cayley steps (for
+``activation_mode="mean"`` row ``j`` is ``-(mu_j^+ - mu_j^-)``, the difference of the whitened means).
+
 :class:`SyncConceptWhitening2d` is the DDP variant: batch statistics and concept gradients are
 all-reduced like ``nn.SyncBatchNorm``, so whitening and rotation are identical on every rank.
 """
@@ -54,6 +62,7 @@ from torch import Tensor, nn
 
 ACTIVATION_MODES = ("mean", "max", "pos_mean", "pool_max")
 GRAD_MODES = ("exact", "reference")
+ALIGNMENTS = ("paper", "contrastive")
 GUARDS = ("fallback", "raise")
 # The reference code's initial counter value: G = sum_G / counter never divides by zero.
 _COUNTER_INIT = 1e-3
@@ -690,9 +699,13 @@ class ConceptWhitening2d(nn.Module):
             ``float64`` (~1e-13).
         guard: what to do if the whitening iteration diverges: ``fallback`` (best iterate, warning) or
             ``raise`` (see :func:`iternorm_whitening_matrix`).
+        alignment: ``paper`` (Eq. 3: each axis maximises its concept's mean activation) or ``contrastive``
+            (each axis maximises the difference between images with and without its concept; needs
+            negative concept passes, see :meth:`concept_mode` and :meth:`alignment_gradient`).
 
     Buffers (all in ``state_dict``): ``running_mean`` ``(C,)``, ``running_wm`` ``(C, C)``,
-    ``running_rot`` ``(C, C)``, ``sum_G`` ``(C, C)``, ``counter`` ``(C,)``, ``num_batches_tracked``.
+    ``running_rot`` ``(C, C)``, ``sum_G`` ``(C, C)``, ``counter`` ``(C,)``, ``num_batches_tracked``;
+    contrastive only: ``sum_G_neg`` ``(C, C)`` and ``counter_neg`` ``(C,)``.
 
     Attribute ``mode``: ``-1`` for ordinary passes; ``j >= 0`` makes a forward pass accumulate the
     alignment gradient of concept ``j`` (use :meth:`concept_mode`). In concept mode the running
@@ -718,6 +731,7 @@ class ConceptWhitening2d(nn.Module):
         concept_names: Sequence[str] | None = None,
         rot_dtype: torch.dtype | str = torch.float32,
         guard: str = "fallback",
+        alignment: str = "paper",
     ) -> None:
         super().__init__()
         if num_features < 1:
@@ -728,6 +742,8 @@ class ConceptWhitening2d(nn.Module):
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
         if guard not in GUARDS:
             raise ValueError(f"guard must be one of {GUARDS}, got {guard!r}")
+        if alignment not in ALIGNMENTS:
+            raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
         if T < 1:
             raise ValueError(f"T must be >= 1, got {T}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
@@ -745,7 +761,9 @@ class ConceptWhitening2d(nn.Module):
         self.grad_mode = grad_mode
         self.concept_names = names
         self.guard = guard
+        self.alignment = alignment
         self._mode = -1
+        self._negative = False  # concept passes with mode >= 0: images with (False) or without (True) it
         self.last_tau: float | None = None  # diagnostics of the last rotation update (not state)
         self.layer_name: str | None = None  # dotted name in the network, for warnings
         self.fallback_count = 0  # training batches whose whitening fell back (guard), not state
@@ -770,6 +788,11 @@ class ConceptWhitening2d(nn.Module):
         self.register_buffer("running_rot", torch.eye(c, device=device, dtype=_dtype(rot_dtype)))
         self.register_buffer("sum_G", torch.zeros(c, c, **kw))
         self.register_buffer("counter", torch.full((c,), _COUNTER_INIT, **kw))
+        # Contrastive alignment only: the same statistics of the negatives (images without the concept). Not
+        # registered for "paper", so that layer's state_dict is exactly the one it always had.
+        contrastive = alignment == "contrastive"
+        self.register_buffer("sum_G_neg", torch.zeros(c, c, **kw) if contrastive else None)
+        self.register_buffer("counter_neg", torch.full((c,), _COUNTER_INIT, **kw) if contrastive else None)
 
     # -- construction helpers ---------------------------------------------------------------------
     @classmethod
@@ -831,15 +854,30 @@ class ConceptWhitening2d(nn.Module):
             raise ValueError(f"mode must be -1 or a concept axis in [0, {self.num_features}), got {value}")
         self._mode = value
 
+    @property
+    def negative(self) -> bool:
+        """Whether concept passes (``mode >= 0``) see negatives (images without the concept)."""
+        return self._negative
+
     @contextlib.contextmanager
-    def concept_mode(self, axis: int) -> Iterator[ConceptWhitening2d]:
-        """Within the block, forward passes accumulate the alignment gradient of ``axis``."""
-        previous = self._mode
+    def concept_mode(self, axis: int, negative: bool = False) -> Iterator[ConceptWhitening2d]:
+        """Within the block, forward passes accumulate the alignment gradient of ``axis``.
+
+        ``negative=True`` (``alignment="contrastive"`` only): the images do *not* show the concept; their
+        gradient goes to ``sum_G_neg`` and is subtracted at the rotation update.
+        """
+        if negative and self.alignment != "contrastive":
+            raise ValueError(
+                f"negative concept batches need alignment='contrastive'; this layer uses {self.alignment!r} "
+                f"(set net.alignment=contrastive, or pass only positive concept batches)"
+            )
+        previous, previous_neg = self._mode, self._negative
         self.mode = axis
+        self._negative = bool(negative)
         try:
             yield self
         finally:
-            self._mode = previous
+            self._mode, self._negative = previous, previous_neg
 
     # -- distributed hooks (identity here; SyncConceptWhitening2d all-reduces) --------------------
     def _check_samples(self, m: int) -> None:
@@ -1025,8 +1063,49 @@ class ConceptWhitening2d(nn.Module):
         per_sample = concept_gradient_samples(x_hat, z, j, self.activation_mode, self.grad_mode)
         grad = -self._global_gradient(per_sample)  # minimise F = -phi: the row is -d phi / d R[j]
         f = 0.05 if self.momentum is None else self.momentum
+        if self._negative:  # the same average of the images without the concept (contrastive alignment)
+            if self.sum_G_neg is None or self.counter_neg is None:
+                raise ValueError("negative concept batches need alignment='contrastive'")
+            self.sum_G_neg[j].mul_(1.0 - f).add_(grad.to(self.sum_G_neg), alpha=f)
+            self.counter_neg[j] += 1.0
+            return
         self.sum_G[j].mul_(1.0 - f).add_(grad.to(self.sum_G), alpha=f)
         self.counter[j] += 1.0
+
+    def concept_statistics(self) -> list[Tensor]:
+        """The accumulated alignment statistics (``sum_G``, ``counter`` and, contrastive, their negatives):
+        what a distributed run must average over ranks before :meth:`update_rotation_matrix`."""
+        stats = [self.sum_G, self.counter]
+        if self.sum_G_neg is not None and self.counter_neg is not None:
+            stats += [self.sum_G_neg, self.counter_neg]
+        return stats
+
+    @torch.no_grad()
+    def alignment_gradient(self) -> Tensor:
+        """``G`` ``(C, C)`` of the rotation update (float64): the objective is ``F(R) = <G, R>``.
+
+        * ``paper`` (Chen, Bei & Rudin 2020, Eq. 3): ``G = sum_G / counter``, row ``j`` minus the mean
+          ``d phi(z_j) / d R[j]`` over concept ``j``'s images;
+        * ``contrastive``: ``G = sum_G / counter - sum_G_neg / counter_neg``, the same with the mean over the
+          images without the concept subtracted (``mean`` mode: ``-(mu_j^+ - mu_j^-)`` of the whitened
+          means). A concept axis with positive batches but no negative one since the last update raises.
+        """
+        G = (self.sum_G / self.counter[:, None]).double()
+        if self.alignment != "contrastive":
+            return G
+        assert self.sum_G_neg is not None and self.counter_neg is not None
+        has_pos = self.counter > _COUNTER_INIT * 1.5
+        has_neg = self.counter_neg > _COUNTER_INIT * 1.5
+        lonely = (has_pos & ~has_neg).nonzero().flatten().tolist()
+        if lonely:
+            names = [self.concept_names[j] if j < len(self.concept_names) else str(j) for j in lonely]
+            raise ValueError(
+                f"contrastive concept whitening: axis/axes {lonely} ({names}) got concept batches but no negative "
+                f"batch since the last rotation update; run a pass of images without the concept in "
+                f"concept_mode(axis, negative=True) (datamodule.concept_negative_datasets), or use "
+                f"alignment='paper'"
+            )
+        return G - (self.sum_G_neg / self.counter_neg[:, None]).double()
 
     # -- rotation ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -1047,7 +1126,7 @@ class ConceptWhitening2d(nn.Module):
         Returns:
             the last accepted step size ``tau`` (also in :attr:`last_tau`).
         """
-        G = (self.sum_G / self.counter[:, None]).double()
+        G = self.alignment_gradient()
         R = self.running_rot.double()
         tau = 0.0
         for _ in range(outer_steps):
@@ -1060,6 +1139,8 @@ class ConceptWhitening2d(nn.Module):
                 )
         self.running_rot.copy_(R.to(self.running_rot.dtype))
         self.counter.fill_(_COUNTER_INIT)
+        if self.counter_neg is not None:
+            self.counter_neg.fill_(_COUNTER_INIT)
         self._after_rotation_update()
         self.last_tau = tau
         return tau
@@ -1101,6 +1182,10 @@ class ConceptWhitening2d(nn.Module):
                 t = state_dict.get(prefix + name)
                 if t is not None and t.numel() == c and t.dim() == 4:
                     del state_dict[prefix + name]
+        # A paper-aligned state (no negative statistics) loads into a contrastive layer: they start empty.
+        if self.sum_G_neg is not None and self.counter_neg is not None and prefix + "sum_G" in state_dict:
+            state_dict.setdefault(prefix + "sum_G_neg", torch.zeros_like(self.sum_G_neg))
+            state_dict.setdefault(prefix + "counter_neg", torch.full_like(self.counter_neg, _COUNTER_INIT))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -1109,6 +1194,8 @@ class ConceptWhitening2d(nn.Module):
             f"track_running_stats={self.track_running_stats}, T={self.T}, activation_mode={self.activation_mode!r}, "
             f"grad_mode={self.grad_mode!r}"
         )
+        if self.alignment != "paper":
+            s += f", alignment={self.alignment!r}"
         if self.concept_names:
             s += f", concepts={self.concept_names}"
         return s
@@ -1127,6 +1214,7 @@ class ConceptWhitening2d(nn.Module):
             "concept_names": list(self.concept_names),
             "rot_dtype": str(self.running_rot.dtype).replace("torch.", ""),
             "guard": self.guard,
+            "alignment": self.alignment,
         }
 
 
@@ -1261,6 +1349,7 @@ def _swap(
     for name, b in old._buffers.items():
         new._buffers[name] = b
     new._mode = old._mode
+    new._negative = old._negative
     new.last_tau = old.last_tau
     new.train(old.training)
     return new

@@ -221,9 +221,14 @@ def forward_until(
 
 
 @torch.no_grad()
-def concept_forward(net: nn.Module, x: torch.Tensor, axis: int, stop_early: bool = True) -> None:
+def concept_forward(
+    net: nn.Module, x: torch.Tensor, axis: int, stop_early: bool = True, negative: bool = False
+) -> None:
     """Accumulate the alignment gradient of concept ``axis`` from the images ``x`` (the gradient of paper
     Eq. 3 that the rotation update follows).
+
+    ``negative=True``: ``x`` are images *without* the concept (contrastive alignment; the layers must have
+    ``alignment="contrastive"``); their gradient is subtracted at the update.
 
     Sets ``mode = axis`` on every concept-whitening layer of ``net``, runs ``net(x)`` without
     gradients and resets the mode. With ``stop_early`` the pass stops right after the last whitening
@@ -235,7 +240,7 @@ def concept_forward(net: nn.Module, x: torch.Tensor, axis: int, stop_early: bool
         raise ValueError(f"{type(net).__name__} has no concept-whitening layer; use replace_batchnorm first")
     with contextlib.ExitStack() as stack:
         for layer in layers:
-            stack.enter_context(layer.concept_mode(axis))
+            stack.enter_context(layer.concept_mode(axis, negative=negative))
         if stop_early:
             forward_until(net, layers[-1], x, capture=None)
         else:
@@ -277,6 +282,9 @@ class ConceptWhiteningNet(TrunkNet):
             paper's indices; ``None``: :data:`DEFAULT_LAYERS` of the backbone.
         T, momentum, activation_mode, grad_mode, rot_dtype, affine, guard: layer options
             (:class:`~layers.concept_whitening.ConceptWhitening2d`).
+        alignment: ``paper`` (Eq. 3, the default: bundles saved before the option load unchanged) or
+            ``contrastive`` (axes aligned with the difference between images with and without the concept;
+            training then needs negative concept batches).
         dropout: before the classifier.
 
     Shape:
@@ -300,6 +308,7 @@ class ConceptWhiteningNet(TrunkNet):
         affine: bool = False,
         guard: str = "fallback",
         dropout: float = 0.0,
+        alignment: str = "paper",
     ) -> None:
         super().__init__(num_classes, in_chans, mean, std, backbone)
         layers = (
@@ -307,6 +316,7 @@ class ConceptWhiteningNet(TrunkNet):
         )
         self.concepts = [str(c) for c in concepts]
         self.activation_mode = activation_mode
+        self.alignment = alignment
         self.whitened_names = resolve_layers(self.backbone.body, list(layers))
         replace_batchnorm(
             self.backbone.body,
@@ -319,6 +329,7 @@ class ConceptWhiteningNet(TrunkNet):
             rot_dtype=rot_dtype,
             affine=affine,
             guard=guard,
+            alignment=alignment,
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
@@ -356,11 +367,12 @@ class ConceptWhiteningNet(TrunkNet):
         return explain_concept_whitening(self, x)
 
     @torch.no_grad()
-    def concept_forward(self, x: torch.Tensor, axis: int) -> None:
+    def concept_forward(self, x: torch.Tensor, axis: int, negative: bool = False) -> None:
         """One concept batch for axis ``axis`` (see :func:`concept_forward`); put the net in eval mode first.
 
-        ``x`` ``(B, in_chans, H, W)`` in ``[0, 1]`` is checked by :meth:`forward`, which this runs."""
-        concept_forward(self, x, axis)
+        ``x`` ``(B, in_chans, H, W)`` in ``[0, 1]`` is checked by :meth:`forward`, which this runs;
+        ``negative``: images without the concept (contrastive alignment)."""
+        concept_forward(self, x, axis, negative=negative)
 
     @torch.no_grad()
     def update_rotation(self, **cayley: Any) -> list[float]:

@@ -45,7 +45,10 @@ class ConceptWhiteningModule(ClassificationModule):
     network goes to eval mode, one batch of each concept's probe set runs without gradients (stopping
     after the whitening layer), the accumulated gradients are made equal on every rank, the rotation is
     updated and broadcast, and the network returns to train mode. Concept batches never touch the
-    running statistics.
+    running statistics. With ``net.alignment=contrastive`` each concept batch is followed by a batch of
+    its negatives (:meth:`~interpzoo.datamodules.base.BaseDataModule.concept_negative_datasets`; on
+    PartShapes the same probes re-rendered without the concept, drawn in the same shuffled order, so the
+    two batches are pairs) and the axes follow the difference.
 
     Metrics, logged as ``val/...`` and ``test/...``:
     ``concept_auc/<concept>`` and ``concept_auc_mean`` (AUC of ``phi(z_j)`` on the held-out concept
@@ -123,6 +126,8 @@ class ConceptWhiteningModule(ClassificationModule):
         # concept batches drawn so far per axis: saved in checkpoints, so a resumed run continues each
         # concept stream where the checkpoint left it (exact resume)
         self._concept_drawn: list[int] = [0] * len(self.concept_names or [])
+        self._negative_iters: list[Iterator[dict[str, Any]]] | None = None
+        self._negative_drawn: list[int] = [0] * len(self.concept_names or [])
         self._reference: list[nn.Module] = []  # matched BN model, kept out of the module tree
         self._baseline_cache: dict[str, float] | None = None
 
@@ -165,7 +170,21 @@ class ConceptWhiteningModule(ClassificationModule):
             if ref is not None:
                 self._reference.append(ref)
 
+    @property
+    def contrastive(self) -> bool:
+        """Whether the axes are aligned contrastively (``net.alignment=contrastive``)."""
+        return getattr(self.net, "alignment", "paper") == "contrastive"
+
     def _check_concept_sets(self, dm: Any) -> None:
+        if self.contrastive:
+            available = list(dm.concept_negative_datasets("train"))  # raises a DataError if there are none
+            missing = [c for c in self.concept_names if c not in available]
+            if missing:
+                raise ValueError(
+                    f"net.alignment=contrastive but concept(s) {missing} have no negative set in "
+                    f"{type(dm).__name__} (available: {available}); add their negatives or use "
+                    f"net.alignment=paper"
+                )
         for split in ("train", "test"):
             available = list(dm.concept_datasets(split))
             missing = [c for c in self.concept_names if c not in available]
@@ -242,8 +261,9 @@ class ConceptWhiteningModule(ClassificationModule):
         return self._reference[0] if self._reference else None
 
     # -- concept batches ----------------------------------------------------------------------------
-    def _concept_loaders(self) -> list[Iterator[dict[str, Any]]]:
-        """Endless iterators over this rank's shard of every concept's probe set (axis order)."""
+    def _concept_loaders(self, negatives: bool = False) -> list[Iterator[dict[str, Any]]]:
+        """Endless iterators over this rank's shard of every concept's probe set (axis order), or of its
+        negatives (same samplers and seeds: with paired negatives, batch ``i`` pairs with batch ``i``)."""
         loaders = self.trainer.datamodule.concept_dataloaders(
             "train",
             batch_size=self.hparams.concept_batch_size,
@@ -251,17 +271,25 @@ class ConceptWhiteningModule(ClassificationModule):
             rank=self.trainer.global_rank,
             world_size=self.trainer.world_size,
             shuffle=True,
+            negatives=negatives,
         )
-        drawn = list(self._concept_drawn) + [0] * (len(loaders) - len(self._concept_drawn))
+        counts = self._negative_drawn if negatives else self._concept_drawn
+        drawn = list(counts) + [0] * (len(loaders) - len(counts))
         return [_cycle(loader, start) for loader, start in zip(loaders.values(), drawn, strict=False)]
 
-    def _next_concept_batch(self, j: int) -> torch.Tensor:
-        if self._concept_iters is None:
-            self._concept_iters = self._concept_loaders()
-        batch = next(self._concept_iters[j])
-        while len(self._concept_drawn) <= j:
-            self._concept_drawn.append(0)
-        self._concept_drawn[j] += 1
+    def _next_concept_batch(self, j: int, negative: bool = False) -> torch.Tensor:
+        if negative:
+            if self._negative_iters is None:
+                self._negative_iters = self._concept_loaders(negatives=True)
+            iters, counts = self._negative_iters, self._negative_drawn
+        else:
+            if self._concept_iters is None:
+                self._concept_iters = self._concept_loaders()
+            iters, counts = self._concept_iters, self._concept_drawn
+        batch = next(iters[j])
+        while len(counts) <= j:
+            counts.append(0)
+        counts[j] += 1
         return batch["image"].to(self.device, self.dtype)
 
     @torch.no_grad()
@@ -273,6 +301,8 @@ class ConceptWhiteningModule(ClassificationModule):
         try:
             for j in range(len(self.concept_names)):
                 self.net.concept_forward(self._next_concept_batch(j), j)
+                if self.contrastive:
+                    self.net.concept_forward(self._next_concept_batch(j, negative=True), j, negative=True)
             self._reduce_concept_gradients(layers)
             taus = self.net.update_rotation(**dict(self.hparams.cayley or {}))
             self._broadcast_rotations(layers)
@@ -303,7 +333,7 @@ class ConceptWhiteningModule(ClassificationModule):
         for layer in layers.values():
             if isinstance(layer, SyncConceptWhitening2d):
                 continue
-            for t in (layer.sum_G, layer.counter):
+            for t in layer.concept_statistics():
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
                 t.div_(world)
 
@@ -332,7 +362,10 @@ class ConceptWhiteningModule(ClassificationModule):
     # -- checkpoints (exact resume) -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["concept_whitening"] = {"concept_batches_drawn": [int(c) for c in self._concept_drawn]}
+        checkpoint["concept_whitening"] = {
+            "concept_batches_drawn": [int(c) for c in self._concept_drawn],
+            "negative_batches_drawn": [int(c) for c in self._negative_drawn],
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -340,6 +373,9 @@ class ConceptWhiteningModule(ClassificationModule):
         if "concept_batches_drawn" in state:
             self._concept_drawn = [int(c) for c in state["concept_batches_drawn"]]
             self._concept_iters = None  # rebuilt from the restored positions
+        if "negative_batches_drawn" in state:
+            self._negative_drawn = [int(c) for c in state["negative_batches_drawn"]]
+            self._negative_iters = None
 
     # -- metrics ------------------------------------------------------------------------------------
     def update_eval_metrics(self, out: NetworkOutput, batch: dict[str, Any], stage: str) -> None:
