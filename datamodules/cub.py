@@ -36,6 +36,10 @@ CUB_FILES = ("images.txt", "image_class_labels.txt", "classes.txt", "train_test_
 CUB_BBOX_FILE = "bounding_boxes.txt"
 CUB_PART_FILES = ("parts/parts.txt", "parts/part_locs.txt")
 CUB_NUM_PARTS = 15
+CUB_ATTRIBUTE_LABELS = "attributes/image_attribute_labels.txt"
+# attributes.txt (312 "<id> <name>" rows) ships beside CUB_200_2011/ in the official tarball; some copies
+# move it inside: the first of these that exists is read (relative to the CUB_200_2011 folder)
+CUB_ATTRIBUTE_NAMES = ("attributes.txt", "attributes/attributes.txt", "../attributes.txt")
 
 
 def _read_table(path: Path, min_cols: int, last_col_free: bool = False) -> list[list[str]]:
@@ -76,10 +80,12 @@ class CUBImageDataset(Dataset):
         augment: random crop of 64-100% of the box area, horizontal flip (swapping left/right parts),
             rotation of up to +-15 deg; landmarks follow every step.
         flip_perm: part permutation applied on a flip (:func:`flip_permutation`).
+        concepts: ``(N, K)`` 0/1 attribute labels, or ``None``.
 
     Items: ``{"image": (3, H, W) float in [0, 1], "label": long, "index": long}`` plus, with
     landmarks, ``"landmarks"`` ``(P, 2)`` float ``(x, y)`` in output pixels and ``"landmark_visible"``
-    ``(P,)`` bool (annotated and inside the output image; coordinates of invisible ones are meaningless).
+    ``(P,)`` bool (annotated and inside the output image; coordinates of invisible ones are meaningless),
+    and with concepts ``"concepts"`` ``(K,)`` float 0/1.
     """
 
     def __init__(
@@ -92,8 +98,10 @@ class CUBImageDataset(Dataset):
         image_size: tuple[int, int],
         augment: bool = False,
         flip_perm: Sequence[int] | None = None,
+        concepts: np.ndarray | None = None,
     ) -> None:
         self.paths = list(paths)
+        self.concepts = None if concepts is None else np.asarray(concepts, dtype=np.float32)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.boxes = boxes
         self.landmarks = landmarks
@@ -168,6 +176,8 @@ class CUBImageDataset(Dataset):
             inside = (pts[:, 0] >= 0) & (pts[:, 0] < out_w) & (pts[:, 1] >= 0) & (pts[:, 1] < out_h)
             item["landmarks"] = torch.as_tensor(pts, dtype=torch.float32)
             item["landmark_visible"] = torch.as_tensor(vis & inside, dtype=torch.bool)
+        if self.concepts is not None:
+            item["concepts"] = torch.from_numpy(self.concepts[idx].copy())
         return item
 
 
@@ -182,6 +192,14 @@ class CUB200DataModule(BaseDataModule):
             online counterpart of ProtoPNet's offline rotation/flip augmentation.
         landmarks: read ``parts/`` and add ``"landmarks"``/``"landmark_visible"`` to every item.
         mean, std: per-channel statistics the networks normalise with (default ImageNet).
+        concepts: read the 312 binary attributes (``attributes/image_attribute_labels.txt`` and
+            ``attributes.txt``) and add ``"concepts"`` ``(K,)`` to every item, for concept bottleneck models.
+        concept_majority_vote: replace each image's attribute labels by its class's majority vote over the
+            official training images (an attribute is on for a class when more than half of its training
+            images show it), as Koh et al. (ICML 2020, Sec. 4 / App. A) do to denoise the crowd labels; every
+            image of a class then has the same concept vector. ``False`` keeps the per-image labels.
+        concept_min_classes: keep only the attributes that the class-level majority vote turns on in at least
+            this many classes (Koh et al.: 10, leaving 112 of the 312 attributes); 0 keeps all 312.
         batch_size, num_workers, pin_memory, val_fraction, seed: see :class:`BaseDataModule`; the
             validation split is ``val_fraction`` of the official training images.
 
@@ -197,6 +215,9 @@ class CUB200DataModule(BaseDataModule):
         landmarks: bool = True,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        concepts: bool = False,
+        concept_majority_vote: bool = True,
+        concept_min_classes: int = 10,
         batch_size: int = 64,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -211,6 +232,13 @@ class CUB200DataModule(BaseDataModule):
         self.landmarks = landmarks
         self.mean = [float(m) for m in (mean if mean is not None else IMAGENET_MEAN)]
         self.std = [float(s) for s in (std if std is not None else IMAGENET_STD)]
+        if concept_min_classes < 0:
+            raise DataError(
+                f"concept_min_classes must be >= 0 (0 keeps every attribute), got {concept_min_classes}"
+            )
+        self.concepts = bool(concepts)
+        self.concept_majority_vote = bool(concept_majority_vote)
+        self.concept_min_classes = int(concept_min_classes)
         self._meta: dict[str, Any] | None = None
 
     # -- files ----------------------------------------------------------------------------------
@@ -220,7 +248,16 @@ class CUB200DataModule(BaseDataModule):
             files.append(CUB_BBOX_FILE)
         if self.landmarks:
             files += CUB_PART_FILES
+        if self.concepts:
+            files.append(CUB_ATTRIBUTE_LABELS)
         return files
+
+    def _attribute_names_file(self) -> Path | None:
+        d = self.directory
+        for rel in CUB_ATTRIBUTE_NAMES:
+            if (d / rel).is_file():
+                return (d / rel).resolve()
+        return None
 
     @property
     def directory(self) -> Path:
@@ -238,10 +275,18 @@ class CUB200DataModule(BaseDataModule):
                 hints.append("data.crop_to_bbox=false does without bounding_boxes.txt")
             if any(f in missing for f in CUB_PART_FILES):
                 hints.append("data.landmarks=false does without parts/")
+            if CUB_ATTRIBUTE_LABELS in missing:
+                hints.append("data.concepts=false does without attributes/")
             raise DataError(
                 f"CUB-200-2011 files missing under '{d}': {missing}. Set data.root to the extracted "
                 f"'CUB_200_2011' folder (it holds images.txt and images/). CUB-200-2011 comes from {CUB_URL}."
                 + (f" ({'; '.join(hints)})" if hints else "")
+            )
+        if self.concepts and self._attribute_names_file() is None:
+            raise DataError(
+                f"CUB-200-2011 attribute names missing: none of {[str(d / r) for r in CUB_ATTRIBUTE_NAMES]} "
+                f"exists. data.concepts=true reads 'attributes.txt' (312 rows '<id> <name>'), which the official "
+                f"tarball puts beside the CUB_200_2011 folder: copy it into '{d}', or set data.concepts=false."
             )
         return d
 
@@ -319,8 +364,63 @@ class CUB200DataModule(BaseDataModule):
                 pts[r, k] = (float(x), float(y))
                 vis[r, k] = v.strip() == "1"
             meta.update(landmarks=pts, visible=vis, part_names=[n for _, n in part_rows])
+        meta["concepts"], meta["concept_names"] = None, None
+        if self.concepts:
+            meta["concepts"], meta["concept_names"] = self._load_attributes(d, ids, meta)
         self._meta = meta
         return meta
+
+    def _load_attributes(self, d: Path, ids: list[int], meta: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+        """``(N, K)`` uint8 attribute labels in image-id order and the ``K`` names kept (class docstring)."""
+        names_file = self._attribute_names_file()
+        assert names_file is not None  # _check_files refused its absence
+        attr_rows = sorted((int(i), n) for i, n in _read_table(names_file, 2, last_col_free=True))
+        attr_index = {aid: k for k, (aid, _) in enumerate(attr_rows)}
+        row_of = {img_id: r for r, img_id in enumerate(ids)}
+        labels = np.zeros((len(ids), len(attr_rows)), dtype=np.uint8)
+        seen = np.zeros(len(ids), dtype=bool)
+        path = d / CUB_ATTRIBUTE_LABELS
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                # "<image> <attribute> <is_present> <certainty> <time>"; a few rows of the official file carry
+                # an extra column, so only the first three are read
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) < 3:
+                    raise DataError(
+                        f"{path}:{lineno}: expected '<image> <attribute> <is_present> ...', got {line.strip()!r}"
+                    )
+                r, k = row_of.get(int(parts[0])), attr_index.get(int(parts[1]))
+                if r is None or k is None:
+                    raise DataError(
+                        f"{path}:{lineno} refers to image {parts[0]} / attribute {parts[1]}, absent from images.txt / "
+                        f"{names_file.name}; the files come from different releases?"
+                    )
+                labels[r, k] = parts[2] == "1"
+                seen[r] = True
+        if not seen.all():
+            raise DataError(
+                f"'{path}' has no row for {int((~seen).sum())} images of images.txt "
+                f"(first ids: {[ids[i] for i in np.flatnonzero(~seen)[:5]]})."
+            )
+        # class-level majority vote over the official training images (Koh et al. 2020, App. A)
+        n_classes = len(meta["class_names"])
+        train = meta["is_train"]
+        votes = np.zeros((n_classes, labels.shape[1]), dtype=bool)
+        for c in range(n_classes):
+            rows = train & (meta["labels"] == c)
+            if rows.any():
+                votes[c] = labels[rows].mean(0) > 0.5
+        keep = np.flatnonzero(votes.sum(0) >= self.concept_min_classes)
+        if keep.size == 0:
+            raise DataError(
+                f"no CUB attribute is on (class-level majority vote) in at least data.concept_min_classes="
+                f"{self.concept_min_classes} classes of the {n_classes} here; lower data.concept_min_classes "
+                "(0 keeps all attributes)"
+            )
+        values = votes[meta["labels"]] if self.concept_majority_vote else labels.astype(bool)
+        return values[:, keep].astype(np.uint8), [attr_rows[k][1] for k in keep]
 
     def _dataset(self, meta: dict[str, Any], idx: np.ndarray, augment: bool) -> CUBImageDataset:
         def take(a: np.ndarray | None) -> np.ndarray | None:
@@ -336,6 +436,7 @@ class CUB200DataModule(BaseDataModule):
             self.image_size,
             augment=augment,
             flip_perm=perm,
+            concepts=take(meta["concepts"]),
         )
 
     def _build(self) -> None:
@@ -366,7 +467,7 @@ class CUB200DataModule(BaseDataModule):
             "mean": list(self.mean),
             "std": list(self.std),
             "class_names": classes,
-            "concept_names": None,
+            "concept_names": list(self._load()["concept_names"]) if self.concepts else None,
             "part_names": parts,
             "feature_names": None,
         }

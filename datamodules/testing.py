@@ -42,7 +42,12 @@ def _random_image(rng: np.random.Generator, width: int, height: int, mode: str =
 
 
 def make_fake_cub(
-    root: str | Path, n_classes: int = 3, n_per_class: int = 4, size: int = 64, seed: int = 0
+    root: str | Path,
+    n_classes: int = 3,
+    n_per_class: int = 4,
+    size: int = 64,
+    seed: int = 0,
+    n_attributes: int = 12,
 ) -> Path:
     """Write a small valid CUB-200-2011 tree under ``root/CUB_200_2011`` and return that folder.
 
@@ -51,6 +56,12 @@ def make_fake_cub(
     images within a class are training images. Each image has a box inside it and 15 parts, of which
     every third is not visible (``0 0 0`` as in the official files); visible parts may lie outside
     the box.
+
+    ``n_attributes`` binary attributes as the official release lays them out: ``root/attributes.txt``
+    (``<id> has_x::y`` rows, beside ``CUB_200_2011/``) and ``attributes/image_attribute_labels.txt``
+    (``<image> <attribute> <is_present> <certainty> <time>``; image 1's first row carries an extra column, as a
+    few official rows do). Attribute ``a`` is shown with probability 0.9 by classes ``c`` with
+    ``(a + c) % 3 == 0`` and 0.1 by the others, so class-level majority votes differ between classes.
     """
     rng = np.random.default_rng(seed)
     d = Path(root) / "CUB_200_2011"
@@ -89,6 +100,20 @@ def make_fake_cub(
         "parts/parts.txt": [f"{p + 1} {n}" for p, n in enumerate(CUB_PART_NAMES)],
         "parts/part_locs.txt": locs,
     }
+    if n_attributes > 0:
+        # a separate stream, so the images and boxes above do not depend on n_attributes
+        arng = np.random.default_rng(seed + 1)
+        (d / "attributes").mkdir(exist_ok=True)
+        attr_lines = []
+        image_classes = [int(line.split()[1]) - 1 for line in labels]
+        for i, c in enumerate(image_classes, 1):
+            for a in range(n_attributes):
+                p = 0.9 if (a + c) % 3 == 0 else 0.1
+                extra = " 0" if (i, a) == (1, 0) else ""
+                attr_lines.append(f"{i} {a + 1} {int(arng.random() < p)}{extra} 3 {arng.uniform(1, 20):.3f}")
+        files["attributes/image_attribute_labels.txt"] = attr_lines
+        names = [f"{a + 1} has_part_{a // 4}::value_{a % 4}" for a in range(n_attributes)]
+        (Path(root) / "attributes.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
     for name, lines in files.items():
         (d / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return d

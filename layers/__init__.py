@@ -1,5 +1,6 @@
 """Reusable interpretable building blocks: pure PyTorch, no Lightning, no Hydra."""
 
+from interpzoo.layers.cbm import ConceptHead, LabelPredictor, concept_loss, intervene, joint_loss
 from interpzoo.layers.concept_whitening import ConceptWhitening2d, SyncConceptWhitening2d, pool_axes
 from interpzoo.layers.icnn import (
     FilterAssignment,
@@ -11,6 +12,15 @@ from interpzoo.layers.icnn import (
     part_templates,
 )
 from interpzoo.layers.normalize import InputNormalize
+from interpzoo.layers.pipnet import (
+    NonNegLinear,
+    PatchPrototypes,
+    alignment_loss,
+    pipnet_class_logits,
+    pipnet_class_loss,
+    presence_scores,
+    tanh_loss,
+)
 from interpzoo.layers.protopnet import (
     PrototypeLayer,
     avg_separation_cost,
@@ -40,6 +50,7 @@ from interpzoo.layers.senn import (
 from interpzoo.layers.soft_autoencoder import SoftThreshold, haar_filters, soft_threshold
 
 __all__ = ["InputNormalize"]
+__all__ += ["ConceptHead", "LabelPredictor", "concept_loss", "intervene", "joint_loss"]
 __all__ += ["SoftThreshold", "haar_filters", "soft_threshold"]
 __all__ += ["ConceptWhitening2d", "SyncConceptWhitening2d", "pool_axes"]
 __all__ += [
@@ -76,4 +87,13 @@ __all__ += [
     "prototype_class_identity",
     "separation_cost",
     "squared_l2_distances",
+]
+__all__ += [
+    "NonNegLinear",
+    "PatchPrototypes",
+    "alignment_loss",
+    "pipnet_class_logits",
+    "pipnet_class_loss",
+    "presence_scores",
+    "tanh_loss",
 ]

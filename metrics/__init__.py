@@ -4,6 +4,7 @@ Nothing here imports a network, a datamodule, Lightning or matplotlib; report fi
 live in :mod:`interpzoo.reports`.
 """
 
+from interpzoo.metrics.cbm import CBMEvalState, intervention_curve, probe_accuracy, soft_hard_accuracy
 from interpzoo.metrics.concept_whitening import (
     ConceptAUC,
     ConceptSimilarity,
@@ -12,6 +13,12 @@ from interpzoo.metrics.concept_whitening import (
 )
 from interpzoo.metrics.icnn import LocationInstability, part_dissection
 from interpzoo.metrics.intrinsic_dim import twonn_dimension, twonn_ratios
+from interpzoo.metrics.pipnet import (
+    LocalExplanationSize,
+    local_size,
+    prototypes_per_class,
+    sparsity_ratio,
+)
 from interpzoo.metrics.protopnet import (
     ExplanationSize,
     PrototypeClassPurity,
@@ -40,6 +47,7 @@ from interpzoo.metrics.soft_autoencoder import (
 )
 
 __all__ = ["twonn_dimension", "twonn_ratios"]
+__all__ += ["CBMEvalState", "intervention_curve", "probe_accuracy", "soft_hard_accuracy"]
 __all__ += ["CodeStatistics", "code_sparsity", "dead_units", "hoyer_sparsity", "psnr", "ssim"]
 __all__ += ["ConceptAUC", "ConceptSimilarity", "PermutationImportance", "WhiteningCorrelation"]
 __all__ += [
@@ -61,3 +69,4 @@ __all__ += [
     "global_size",
     "prototype_unique",
 ]
+__all__ += ["LocalExplanationSize", "local_size", "prototypes_per_class", "sparsity_ratio"]

@@ -9,8 +9,10 @@ Importing it loads no training framework: each method's LightningModule lives in
 
 from interpzoo.models import (
     baseline,  # noqa: F401  (registers architectures)
+    cbm,  # noqa: F401
     concept_whitening,  # noqa: F401
     icnn,  # noqa: F401
+    pipnet,  # noqa: F401
     protopnet,  # noqa: F401
     senn,  # noqa: F401
     soft_autoencoder,  # noqa: F401

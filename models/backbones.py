@@ -141,6 +141,14 @@ class Trunk(nn.Module):
         return self.body(x)
 
 
+def _kept_modules(spec: Any, stage: str) -> set[str]:
+    """Top-level module names of the full torchvision model that the trunk cut at ``stage`` keeps."""
+    if spec.family != "resnet":
+        return {"features"}
+    stages = list(_RESNET_STAGES)
+    return {"conv1", "bn1", *stages[: stages.index(stage) + 1]}
+
+
 def _resnet_body(net: nn.Module, stage: str) -> nn.Sequential:
     parts: list[tuple[str, nn.Module]] = [
         ("conv1", net.conv1),
@@ -181,21 +189,51 @@ def _weights_file(weights_name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
+_TRUNK_PREFIX = "backbone.body."
+
+
 def _load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The torchvision-named state dict in ``path``.
+
+    ``path`` is a ``.pth``/``.safetensors`` state dict of the full torchvision model, or a trained interpzoo
+    model to warm-start from (its trunk, ``backbone.body.*``): a bundle folder (``config.json`` +
+    ``model.safetensors``), a bundle's ``model.safetensors`` or a Lightning ``.ckpt``. Everything is read
+    without pickle (``weights_only=True``).
+    """
     path = Path(path)
+    if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise PretrainedWeightsError(
+                f"backbone.pretrained={path} is a folder without model.safetensors: pass a bundle folder "
+                "(config.json + model.safetensors, e.g. <run>/bundle), a .ckpt or a .pth state dict"
+            )
+        path = path / "model.safetensors"
     if not path.is_file():
         raise PretrainedWeightsError(
             f"backbone weights file not found: {path}. Pass the path of an existing .pth or .safetensors state "
-            f"dict as backbone.pretrained=/path/to/weights.pth, or backbone.pretrained=false to start from scratch."
+            f"dict, a bundle folder or a .ckpt of a trained model as backbone.pretrained=<path>, or "
+            f"backbone.pretrained=false to start from scratch."
         )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return state
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    return _trunk_state(state)
+
+
+def _trunk_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A trained interpzoo model's trunk (``[net.]backbone.body.<name>``) renamed to torchvision's ``<name>``;
+    any other state dict unchanged."""
+    prefixes = {k[: k.index(_TRUNK_PREFIX) + len(_TRUNK_PREFIX)] for k in state if _TRUNK_PREFIX in k}
+    if not prefixes:
+        return state
+    # the shortest prefix is the network's own trunk (a nested model would have a longer one)
+    prefix = min(prefixes, key=len)
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def build_backbone(
@@ -212,8 +250,10 @@ def build_backbone(
         name: one of :func:`list_backbones`.
         stage: where to cut (ResNets: ``layer1``..``layer4``; VGG/DenseNet: ``features``).
         pretrained: ``False``; ``True`` for torchvision's ImageNet weights (read from the torch hub
-            cache; downloaded only with ``download=True``); or a path to a ``.pth``/``.safetensors``
-            state dict of the full torchvision model.
+            cache; downloaded only with ``download=True``); a path to a ``.pth``/``.safetensors``
+            state dict of the full torchvision model; or a trained interpzoo model of the same backbone (a
+            bundle folder or a ``.ckpt``, e.g. the matched black box ``model=baseline``) whose trunk warm-starts
+            this one (layers beyond its ``stage`` are ignored).
         in_chans: input channels (the first conv is adapted when it differs from 3).
         width: base width of ``resnet18s``.
         download: allow torchvision to download missing weights (needs internet).
@@ -250,8 +290,19 @@ def build_backbone(
                     f"there, pass backbone.pretrained=/path/to/weights.pth, set backbone.download=true on a "
                     f"machine with internet, or use backbone.pretrained=false."
                 )
+        own = net.state_dict()
+        wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            k = wrong[0]
+            raise PretrainedWeightsError(
+                f"weights do not fit backbone {name!r}: {len(wrong)} tensors of another shape, e.g. {k} "
+                f"{tuple(state[k].shape)} in the file vs {tuple(own[k].shape)} here. Build the backbone the file "
+                f"was trained with (its width, in_chans and name: see its config.json) or start from scratch."
+            )
         missing, unexpected = net.load_state_dict(state, strict=False)
-        bad = [k for k in missing if not k.startswith(("fc.", "classifier."))]
+        # only the layers the trunk keeps (up to ``stage``) must come from the file
+        kept = _kept_modules(spec, stage)
+        bad = [k for k in missing if not k.startswith(("fc.", "classifier.")) and k.split(".")[0] in kept]
         if bad:
             raise PretrainedWeightsError(
                 f"weights do not fit backbone {name!r}: {len(bad)} missing keys (e.g. {bad[:3]}); "

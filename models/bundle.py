@@ -15,7 +15,13 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from interpzoo.models.registry import PRETRAINED_DIR, build_model, check_architecture, list_pretrained
+from interpzoo.models.registry import (
+    PRETRAINED_DIR,
+    build_model,
+    check_architecture,
+    list_pretrained,
+    without_backbone_weights,
+)
 from interpzoo.utils import UsageError, atomic_write_bytes, atomic_write_text, did_you_mean
 
 CONFIG_NAME = "config.json"
@@ -154,7 +160,9 @@ def load_pretrained(
             raise BundleError(f"{path / CONFIG_NAME} has no {key!r} entry; it was not written by interpzoo")
     if not isinstance(config["model_args"], dict):
         raise BundleError(f"{path / CONFIG_NAME}: 'model_args' must be a JSON object; {_REEXPORT}")
-    net = build_model({**config["model_args"], "name": check_architecture(config["architecture"])})
+    net = build_model(
+        without_backbone_weights({**config["model_args"], "name": check_architecture(config["architecture"])})
+    )
     state = _read_weights(path / WEIGHTS_NAME, map_location)
     load_state_strict(net, state, what=f"bundle {path}")
     net.to(map_location)  # the network is built on the CPU: place it where its weights were asked for

@@ -14,6 +14,7 @@ from interpzoo.models.registry import (
     resolve_task,
     task_class,
     upgrade_hparams,
+    without_backbone_weights,
 )
 from interpzoo.utils import UsageError
 
@@ -128,6 +129,8 @@ def load_checkpoint(path: str | Path, lightning_module: bool = False, eval_mode:
     out: nn.Module
     if lightning_module or not recorded:
         cls = module_class(info, path)
+        if isinstance(hparams.get("net"), dict):
+            hparams = {**hparams, "net": without_backbone_weights(hparams["net"])}
         try:
             module = cls(**hparams)
         except (KeyError, TypeError, ValueError) as e:
@@ -141,7 +144,10 @@ def load_checkpoint(path: str | Path, lightning_module: bool = False, eval_mode:
         data_info = dict(hparams.get("data_info") or {})
         try:
             out = build_model(
-                {**info["model_args"], "name": check_architecture(info["architecture"])}, data_info
+                without_backbone_weights(
+                    {**info["model_args"], "name": check_architecture(info["architecture"])}
+                ),
+                data_info,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise _settings_error(path, f"{info['architecture']!r} network", e) from None

@@ -167,6 +167,17 @@ def resolve_net(
     return arch, _deep_update(args, config)
 
 
+def without_backbone_weights(net_config: dict[str, Any]) -> dict[str, Any]:
+    """``net_config`` with ``backbone.pretrained`` off, for rebuilding a network whose weights come from a
+    bundle or checkpoint: the warm-start source (ImageNet weights, another model's bundle) need not exist on
+    the machine that loads it, and would be overwritten anyway."""
+    out = copy.deepcopy(net_config)
+    backbone = out.get("backbone")
+    if isinstance(backbone, dict) and backbone.get("pretrained"):
+        backbone["pretrained"] = False
+    return out
+
+
 def build_model(
     net_config: dict[str, Any],
     data_info: dict[str, Any] | None = None,
@@ -226,7 +237,9 @@ _TASKS: dict[str, tuple[str, str]] = {
     "concept_whitening": ("interpzoo.models.lit_concept_whitening", "ConceptWhiteningModule"),
     "icnn": ("interpzoo.models.lit_icnn", "ICNNModule"),
     "senn": ("interpzoo.models.lit_senn", "SENNModule"),
+    "cbm": ("interpzoo.models.lit_cbm", "CBMModule"),
     "soft_autoencoder": ("interpzoo.models.lit_soft_autoencoder", "SoftAutoencoderModule"),
+    "pipnet": ("interpzoo.models.lit_pipnet", "PIPNetModule"),
 }
 # Class paths written by interpzoo 0.1 (before the single namespace): read as the task they meant.
 _LEGACY_TASKS = {

@@ -229,7 +229,7 @@ def _small_build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     kwargs: dict[str, Any] = {} if arch == "soft_autoencoder" else {"num_classes": K}
     if "backbone" in defaults:
         kwargs["backbone"] = SMALL
-    if arch == "cw":
+    if arch in ("cw", "cbm"):
         kwargs["concepts"] = CONCEPTS
     if arch == "protopnet":
         kwargs.update(prototypes_per_class=2, prototype_dim=8)

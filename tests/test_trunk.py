@@ -16,7 +16,7 @@ from interpzoo.models.captum_adapter import as_logits_module, default_gradcam_la
 from interpzoo.models.registry import PRETRAINED_DIR, resolve_model_name
 from interpzoo.models.trunk import FeatureInfo, TrunkNet
 
-TRUNK_ARCHITECTURES = ("baseline", "protopnet", "cw", "icnn")
+TRUNK_ARCHITECTURES = ("baseline", "protopnet", "cw", "icnn", "pipnet", "cbm")
 SMALL_BACKBONE = {"name": "resnet18s", "width": 8}  # stride 8: minimum image 8x8
 TABULAR_ONLY = ("baseline_mlp",)  # needs num_features; senn_mlp without it is an image SENN
 IMAGE_MODELS = [n for n in interpzoo.list_models() if n not in TABULAR_ONLY]
@@ -31,6 +31,8 @@ def _small(name: str) -> nn.Module:
         kwargs["backbone"] = SMALL_BACKBONE
     if arch == "cw":  # the registered paper layer indices belong to the named backbone
         kwargs.update(whitened_layers=["layer3.0.bn1"], concepts=["red", "round", "striped"])
+    if arch == "cbm":  # a bottleneck is built for its concepts
+        kwargs.update(concepts=["red", "round", "striped"])
     torch.manual_seed(0)
     return create_model(name, **kwargs).eval()
 
@@ -48,10 +50,11 @@ def test_every_trunk_architecture_is_a_trunknet(name: str) -> None:
     assert isinstance(net, TrunkNet)
     assert isinstance(net.normalize, nn.Module) and net.backbone.name == "resnet18s"
     assert net.num_classes == 3 and net.in_chans == 3
-    assert net.feature_info == FeatureInfo(channels=net.backbone.out_channels, reduction=8, module="backbone")
+    r = 4 if resolve_model_name(name)[0] == "pipnet" else 8  # PIP-Net cuts resnet18s at layer3 (stride 4)
+    assert net.feature_info == FeatureInfo(channels=net.backbone.out_channels, reduction=r, module="backbone")
     x = _image(net)
     feats = net.features(x)
-    assert feats.shape == (2, net.feature_info.channels, 32 // 8, 32 // 8)
+    assert feats.shape == (2, net.feature_info.channels, 32 // r, 32 // r)
     assert default_gradcam_layer(net) == net.gradcam_layer
     net.get_submodule(net.gradcam_layer)  # names a real module
 
@@ -95,7 +98,8 @@ def _bad_inputs(net: nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
     nan[0, 0, :3, 0] = float("nan")
     inf[1, 0, 0, :2] = float("inf")
     if isinstance(net, TrunkNet):
-        tiny = "2x2 pixels is smaller than the minimum 8x8 for the resnet18s trunk"
+        s = net.min_input_size[0]  # the trunk's stride: 8 at resnet18s layer4, 4 at layer3 (PIP-Net)
+        tiny = f"2x2 pixels is smaller than the minimum {s}x{s} for the resnet18s trunk"
     else:  # SENN is built for one image size
         tiny = r"expected images \(B, 3, 32, 32\)"
     return {
