@@ -46,9 +46,12 @@ def _trainer(epochs: int) -> pl.Trainer:
     return quiet_trainer(max_epochs=epochs)
 
 
+def _backbone(args: argparse.Namespace) -> dict[str, Any]:
+    return {"name": "resnet18s", "width": args.width}
+
+
 def _common(args: argparse.Namespace, dm: PartShapesDataModule) -> dict[str, Any]:
     return {
-        "backbone": {"name": "resnet18s", "width": args.width},
         "data_info": dm.data_info,
         "optimizer": {"name": "adam", "lr": args.lr, "weight_decay": 1e-4},
         "scheduler": {"name": "cosine"},
@@ -127,7 +130,7 @@ def main() -> None:
 
     # 1. warm-up of the BN model
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    warm = ClassificationModule(net={"name": "baseline_resnet18s"}, **common)
+    warm = ClassificationModule(net={"name": "baseline_resnet18s", "backbone": _backbone(args)}, **common)
     _trainer(args.warm_epochs).fit(warm, datamodule=dm)
     tmp = Path(tempfile.mkdtemp(prefix="cw_bench_"))
     bundle = save_pretrained(warm.net, tmp / "bn_warm", data_config=dm.data_info)
@@ -135,7 +138,7 @@ def main() -> None:
 
     # 2a. BN fine-tuning (the matched model)
     pl.seed_everything(args.seed + 1, workers=True, verbose=False)
-    bn = ClassificationModule(net={"name": "baseline_resnet18s"}, **common)
+    bn = ClassificationModule(net={"name": "baseline_resnet18s", "backbone": _backbone(args)}, **common)
     bn.net.load_state_dict(warm.net.state_dict())
     t = time.time()
     tr = _trainer(args.ft_epochs)
@@ -146,7 +149,12 @@ def main() -> None:
     # 2b. CW fine-tuning from the same warm-up
     pl.seed_everything(args.seed + 1, workers=True, verbose=False)
     cw = ConceptWhiteningModule(
-        net={"name": "cw_resnet18s", "activation_mode": args.activation_mode, "grad_mode": args.grad_mode},
+        net={
+            "name": "cw_resnet18s",
+            "backbone": _backbone(args),
+            "activation_mode": args.activation_mode,
+            "grad_mode": args.grad_mode,
+        },
         concepts=list(args.concepts),
         align_every=args.align_every,
         init_from=str(bundle),

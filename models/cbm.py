@@ -67,6 +67,9 @@ class CBMExplanation(Explanation):
         contributions: ``(B, k)`` for a linear ``f``: ``W[pred, j] * bottleneck_j``, the part of the predicted
             class's logit due to concept ``j`` (they sum to the logit minus the bias); ``None`` for an MLP.
         concept_names: ``k`` names.
+        logits: ``(B, C)`` class logits ``f(bottleneck)``.
+        bias: ``(B,)`` the bias of ``f`` for the predicted class (linear ``f``; ``None`` for an MLP), so that
+            ``contributions.sum(1) + bias`` is the predicted class's logit.
     """
 
     prediction: torch.Tensor
@@ -74,6 +77,8 @@ class CBMExplanation(Explanation):
     concept_probs: torch.Tensor
     contributions: torch.Tensor | None
     concept_names: list[str]
+    logits: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     def _draw(
         self, ax: Axes, index: int = 0, class_names: Sequence[str] | None = None, top_k: int = 12
@@ -89,8 +94,17 @@ class CBMExplanation(Explanation):
         ax.set_yticks(range(len(order)), labels)
         ax.invert_yaxis()
         ax.axvline(0.0, color="k", lw=0.5)
-        what = "concept contributions" if self.contributions is not None else "concept probabilities"
-        ax.set_title(f"{what} for {target}")
+        if self.contributions is not None:
+            title = f"concept contributions to {target}"
+            if self.logits is not None and self.bias is not None:
+                # the bars shown, the concepts not shown and the bias add up to the logit: say so
+                shown = float(vals.sum())
+                rest = float(self.contributions[i].sum()) - shown
+                logit = float(self.logits[i, int(self.prediction[i])])
+                title += f"\nlogit {logit:.2f} = shown {shown:.2f} + rest {rest:.2f} + bias {float(self.bias[i]):.2f}"
+        else:
+            title = f"concept probabilities (prediction {target})"
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("W[class, j] * c_j" if self.contributions is not None else "p(c_j)")
 
 
@@ -220,20 +234,29 @@ class CBMNet(TrunkNet):
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor) -> CBMExplanation:
-        """Prediction, concept probabilities and (linear ``f``) each concept's share of the predicted logit."""
+        """Prediction, concept probabilities and (linear ``f``) each concept's share of the predicted logit.
+
+        For a linear ``f`` (Koh et al. 2020, Sec. 4) ``contributions[i].sum() + bias[i]`` equals
+        ``logits[i, prediction[i]]``. ``x``: ``(B, in_chans, H, W)`` in ``[0, 1]``; eval mode for the call.
+        """
         with _eval_mode(self):
             out = self(x)
-        pred = out.logits.argmax(1)
-        contributions = None
+        logits = out.logits.detach().float()
+        pred = logits.argmax(1)
+        contributions = bias = None
         if self.predictor.linear:
-            weight = self.predictor.net.weight  # (C, k)
-            contributions = weight[pred] * out.concepts
+            # Koh et al. (2020), Sec. 4: a linear f's logit of class y is sum_j W[y, j] c_j + b[y]
+            weight = self.predictor.net.weight.float()  # (C, k)
+            contributions = (weight[pred] * out.concepts.float()).cpu()
+            bias = self.predictor.net.bias.float()[pred].cpu()
         return CBMExplanation(
             prediction=pred.cpu(),
-            probabilities=out.logits.softmax(1).cpu(),
-            concept_probs=out.concept_probs.cpu(),
-            contributions=None if contributions is None else contributions.cpu(),
+            probabilities=logits.softmax(1).cpu(),
+            concept_probs=out.concept_probs.detach().float().cpu(),
+            contributions=contributions,
             concept_names=list(self.concepts),
+            logits=logits.cpu(),
+            bias=bias,
         )
 
 

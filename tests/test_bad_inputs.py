@@ -210,7 +210,7 @@ CLI = [
         "model-option-typo",
         "train.py",
         "debug=fdr model=protopnett",
-        r"model=protopnett: there is no such option; did you mean 'protopnet'\?",
+        r"model=protopnett: there is no such option; did you mean 'protopnet'",
         pre=True,
     ),
     Cli(

@@ -351,3 +351,36 @@ def test_image_folder_negatives_come_from_the_parallel_neg_tree(tmp_path) -> Non
     assert list(neg) == ["bed", "person"] and len(neg["bed"]) == 2
     assert neg["bed"][0]["image"].shape == (3, 32, 32) and int(neg["bed"][0]["label"]) == 0
     assert list(dm.concept_datasets("train")) == ["bed", "person"]  # the _neg tree is not a concept
+
+
+def test_train_with_contrastive_alignment_end_to_end(make_cfg, tmp_path) -> None:
+    """``model=cw model.net.alignment=contrastive``: the module feeds paired negatives, the layer counts
+    them, the rotation moves and stays orthogonal, and the run exports a bundle that loads."""
+    from interpzoo.models import load_pretrained
+    from interpzoo.run import train
+    from tests.conftest import TINY_DATA
+
+    cfg = make_cfg(
+        [
+            *TINY_DATA,
+            "model=cw",
+            "model.net.alignment=contrastive",
+            "model.align_every=2",
+            "model.concept_eval_samples=16",
+            "model.baselines=false",
+            "model.permutation_importance=false",
+            "data.n_concept_train=32",
+            "data.n_concept_test=16",
+            "trainer.max_epochs=1",
+            "report=false",
+            "~callbacks.scorecard",
+        ]
+    )
+    metrics = train(cfg)
+    net = load_pretrained(tmp_path / "bundle")
+    layer = next(iter(net.cw_layers().values()))
+    assert layer.alignment == "contrastive"
+    rot = layer.running_rot.double()
+    assert float((rot.T @ rot - torch.eye(rot.shape[0], dtype=torch.float64)).norm()) < 1e-5
+    assert float((rot - torch.eye(rot.shape[0], dtype=torch.float64)).abs().max()) > 1e-4  # it was updated
+    assert metrics["test/rotation_orthogonality_error"] < 1e-5

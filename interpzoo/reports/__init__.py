@@ -26,9 +26,11 @@ REPORTS: dict[str, tuple[str, str] | None] = {
     "classification": ("interpzoo.reports.common", "classification_report"),
     "reconstruction": None,
     "protopnet": ("interpzoo.reports.protopnet", "protopnet_report"),
+    "pipnet": ("interpzoo.reports.pipnet", "pipnet_report"),
     "concept_whitening": ("interpzoo.reports.concept_whitening", "concept_whitening_report"),
     "icnn": ("interpzoo.reports.icnn", "icnn_report"),
     "senn": ("interpzoo.reports.senn", "senn_report"),
+    "cbm": ("interpzoo.reports.cbm", "cbm_report"),
     "soft_autoencoder": ("interpzoo.reports.soft_autoencoder", "soft_autoencoder_report"),
 }
 

@@ -34,11 +34,13 @@ __all__ = [
 # network class name -> scorer module (imported lazily: each pulls in its method's metrics only)
 _SCORERS = {
     "ProtoPNet": "protopnet",
+    "PIPNet": "pipnet",
     "ConceptWhiteningNet": "concept_whitening",
     "ICNNNet": "icnn",
     "SENN": "senn",
     "SoftAutoencoder": "soft_autoencoder",
     "BaselineNet": "posthoc",
+    "CBMNet": "cbm",
 }
 
 

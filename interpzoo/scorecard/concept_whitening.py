@@ -43,99 +43,31 @@ from interpzoo.metrics.concept_whitening import (
     random_directions,
 )
 from interpzoo.scorecard.common import NoGroundTruth, ground_truth_dataset, renderer_of
+from interpzoo.scorecard.concept_edits import (
+    concept_carriers,
+    concept_columns,
+    concept_edit,
+    concept_rows,
+    edited_images,
+    population_sd,
+)
 
 __all__ = ["concept_carriers", "concept_edit", "score", "score_linear_probe"]
 
 METHOD = "concept_whitening"
 NUM_DIRECTIONS = 16
-_FAMILIES = ("shape", "colour", "texture")
 
 
 # ---------------------------------------------------------------------------------------------
-# Concept edits on the renderer's specs
-# ---------------------------------------------------------------------------------------------
-def concept_carriers(renderer: Any, column: int) -> np.ndarray:
-    """``(K, S, C, T)`` bool: does slot ``k`` drawn as (shape ``s``, colour ``c``, texture ``t``) carry the
-    concept in column ``column`` of the renderer's concept vector (``renderer.concepts_of`` of that part alone).
-
-    Works for per-slot concepts (``head_colour_red``) and presence concepts (``has_red``, ``has_striped``)
-    alike, with no knowledge of how the renderer names them.
-    """
-    k = renderer.num_slots
-    sizes = (len(renderer.shapes), len(renderer.colours), len(renderer.textures))
-    out = np.zeros((k, *sizes), dtype=bool)
-    for slot in range(k):
-        present = np.zeros(k, dtype=bool)
-        present[slot] = True
-        for s in range(sizes[0]):
-            for c in range(sizes[1]):
-                for t in range(sizes[2]):
-                    attrs = np.zeros((k, 3), dtype=np.int64)
-                    attrs[slot] = (s, c, t)
-                    out[slot, s, c, t] = renderer.concepts_of(attrs, present)[column] > 0.5
-    return out
-
-
-def concept_edit(
-    carriers: np.ndarray, attrs: np.ndarray, present: np.ndarray, rng: np.random.Generator
-) -> tuple[dict[int, dict[str, int]], int] | None:
-    """One-attribute edits that add the concept (if absent) or remove it (if present).
-
-    Args:
-        carriers: ``(K, S, C, T)`` from :func:`concept_carriers`.
-        attrs: ``(K, 3)`` (shape, colour, texture) indices of the sample; present: ``(K,)`` bool.
-        rng: picks among the valid edits.
-
-    Returns:
-        ``(replace_part, sign)`` for ``renderer.render(..., replace_part=...)``: ``{slot: {family: value}}``
-        and ``+1`` (added) or ``-1`` (removed); ``None`` when no single-attribute edit exists.
-    """
-    carrying = [int(i) for i in np.flatnonzero(present) if carriers[(i, *attrs[i])]]
-
-    def changes(slot: int, want: bool) -> list[tuple[int, int]]:
-        out = []
-        for f, n in enumerate(carriers.shape[1:]):
-            for v in range(n):
-                if v == attrs[slot, f]:
-                    continue
-                a = attrs[slot].copy()
-                a[f] = v
-                if bool(carriers[(slot, *a)]) == want:
-                    out.append((f, v))
-        return out
-
-    if carrying:  # remove: every carrying part loses the concept
-        edit: dict[int, dict[str, int]] = {}
-        for slot in carrying:
-            options = changes(slot, False)
-            if not options:
-                return None
-            f, v = options[int(rng.integers(len(options)))]
-            edit[slot] = {_FAMILIES[f]: int(v)}
-        return edit, -1
-    options3 = [(int(i), f, v) for i in np.flatnonzero(present) for f, v in changes(int(i), True)]
-    if not options3:
-        return None
-    slot, f, v = options3[int(rng.integers(len(options3)))]
-    return {slot: {_FAMILIES[f]: int(v)}}, 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
+# Helpers (the edits, columns and rows are shared with the CBM scorecard: scorecard.concept_edits)
 # ---------------------------------------------------------------------------------------------
 def _device_dtype(net: nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(net.parameters())
     return p.device, p.dtype
 
 
-def _columns(renderer: Any, concepts: Sequence[str]) -> list[int]:
-    names = list(renderer.concept_names)
-    missing = [c for c in concepts if c not in names]
-    if missing:
-        raise NoGroundTruth(
-            f"concept(s) {missing} are not in the data's concept vectors, so they have no ground truth"
-        )
-    return [names.index(c) for c in concepts]
+_columns = concept_columns
+_sd = population_sd
 
 
 def _probe_sets(datamodule: Any, concepts: Sequence[str], split: str, limit: int) -> list[Dataset]:
@@ -168,19 +100,7 @@ def _rows(
     note: str = "",
 ) -> list[Score]:
     """One row per concept (``metric/<concept>``) and their mean (``metric``)."""
-    rows = [
-        Score(method, f"{metric}/{c}", float(r), float(t), float(b), baseline, note)
-        for c, r, t, b in zip(concepts, raw, ceiling, random)
-    ]
-    mean = [float(np.nanmean(np.asarray(v, dtype=np.float64))) for v in (raw, ceiling, random)]
-    rows.append(Score(method, metric, *mean, baseline, note))
-    return rows
-
-
-def _sd(t: torch.Tensor) -> float:
-    """Population std: the effect is in units of each score's spread over the un-edited images, so an axis,
-    a random direction and the 0/1 indicator (std ``sqrt(p (1 - p))``) compare."""
-    return float(t.std(unbiased=False))
+    return concept_rows(metric, concepts, raw, ceiling, random, method, baseline, note)
 
 
 @torch.no_grad()
@@ -231,8 +151,6 @@ def score(
 def _score(
     net: nn.Module, datamodule: Any, num_samples: int, seed: int, num_directions: int, batch_size: int
 ) -> list[Score]:
-    from interpzoo.datamodules.partshapes import image_to_tensor
-
     renderer = renderer_of(datamodule)
     concepts = list(net.concepts)
     if not concepts:
@@ -267,7 +185,6 @@ def _score(
 
     # 2. causal interventions on the varied-pose held-out split
     ds = ground_truth_dataset(datamodule, num_samples)
-    grey = bool(getattr(ds, "grayscale", False))
     before_axis, before_rand, before_truth = [], [], []
     for batch in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0):
         a, r = _cw_scores(net, batch["image"], directions, device, dtype)
@@ -278,31 +195,20 @@ def _score(
     acc = {"raw": [], "ceiling": [], "random": []}
     eff = {"raw": [], "ceiling": [], "random": []}
     for j, col in enumerate(cols):
-        carriers = concept_carriers(ds.renderer, col)
-        idx, signs, images, truth_after = [], [], [], []
-        for i in range(len(ds)):
-            spec = ds.renderer.draw(ds.split, i)
-            edit = concept_edit(carriers, spec.attrs, spec.present, np.random.default_rng([seed, col, i]))
-            if edit is None:
-                continue
-            sample = ds.render(i, replace_part=edit[0])
-            idx.append(i)
-            signs.append(edit[1])
-            images.append(image_to_tensor(sample.image, grey))
-            truth_after.append(float(sample.concepts[col]))
-        if not idx:
+        edits = edited_images(ds, col, seed)
+        if not len(edits):
             for d in (acc, eff):
                 for key in d:
                     d[key].append(float("nan"))
             continue
-        sel, sign = torch.tensor(idx), torch.tensor(signs, dtype=torch.float64)
+        sel, sign = edits.index, edits.sign
         after_axis, after_rand = [], []
-        for s in range(0, len(images), batch_size):
-            a, r = _cw_scores(net, torch.stack(images[s : s + batch_size]), directions, device, dtype)
+        for s in range(0, len(edits), batch_size):
+            a, r = _cw_scores(net, edits.images[s : s + batch_size], directions, device, dtype)
             after_axis.append(a[:, j])
             after_rand.append(r)
         a_axis, a_rand = torch.cat(after_axis), torch.cat(after_rand)
-        t_after = torch.tensor(truth_after, dtype=torch.float64)
+        t_after = edits.truth_after
 
         dirs = range(a_rand.shape[1])
         acc["raw"].append(intervention_accuracy(b_axis[sel, j], a_axis, sign))

@@ -36,7 +36,17 @@ from interpzoo.scorecard.common import ground_truth_batches
 
 METRICS = ("part_consistency", "part_purity", "part_deletion")
 
-__all__ = ["METRICS", "Explainer", "deletion_batch", "oracle_explainer", "part_scores", "pooled_part_maps"]
+__all__ = [
+    "METRICS",
+    "Explainer",
+    "cyclic_unit_parts",
+    "deletion_batch",
+    "normalised_unit_scores",
+    "oracle_explainer",
+    "part_scores",
+    "pooled_part_maps",
+    "random_class_patches",
+]
 
 Explainer = Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]]
 
@@ -58,6 +68,57 @@ def oracle_explainer(unit_parts: Tensor, grid: Sequence[int]) -> Explainer:
         return maps, maps.flatten(2).amax(2)
 
     return explain
+
+
+def cyclic_unit_parts(unit_classes: Tensor, num_parts: int) -> Tensor:
+    """``(P,)`` the oracle's part of each unit: the ``r``-th unit of a class gets part ``r mod K``.
+
+    With at least ``K`` units per class every part of the class gets an oracle detector.
+    """
+    classes = torch.as_tensor(unit_classes, dtype=torch.long).cpu()
+    rank_in_class = torch.zeros_like(classes)
+    for c in classes.unique():
+        members = (classes == c).nonzero().flatten()
+        rank_in_class[members] = torch.arange(members.numel())
+    return rank_in_class % int(num_parts)
+
+
+def normalised_unit_scores(unit_values: Sequence[float], ceiling: float, random: float) -> list[float]:
+    """``(value_j - random) / (ceiling - random)`` of every unit (``nan`` when ceiling and random coincide)."""
+    span = float(ceiling) - float(random)
+    return [(float(u) - random) / span if abs(span) > 1e-9 else float("nan") for u in unit_values]
+
+
+@torch.no_grad()
+def random_class_patches(
+    latent: Callable[[Tensor], Tensor],
+    pool,
+    classes: Tensor,
+    patch: Sequence[int],
+    seed: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> Tensor:
+    """``(P, D, ph, pw)``: for each unit, the latent patch at a random cell of a random image of its class.
+
+    ``latent`` maps images ``(1, C, H, W)`` to the latent ``(1, D, h, w)`` the units compare with; ``pool`` is
+    a dataset of labelled images (never the scored split); ``patch`` is ``(ph, pw)``. The random baseline of
+    prototype methods: a real patch of the right class that nobody chose for being a part.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    labels = torch.tensor([int(pool[i]["label"]) for i in range(len(pool))])
+    ph, pw = (int(v) for v in patch)
+    out = []
+    for c in torch.as_tensor(classes).tolist():
+        members = (labels == c).nonzero().flatten()
+        if members.numel() == 0:
+            raise ValueError(f"no image of class {c} to draw a random prototype from")
+        i = int(members[torch.randint(members.numel(), (1,), generator=g)])
+        z = latent(pool[i]["image"][None].to(device, dtype))[0]
+        r = int(torch.randint(z.shape[1] - ph + 1, (1,), generator=g))
+        s = int(torch.randint(z.shape[2] - pw + 1, (1,), generator=g))
+        out.append(z[:, r : r + ph, s : s + pw])
+    return torch.stack(out)
 
 
 def deletion_batch(

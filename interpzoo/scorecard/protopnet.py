@@ -21,7 +21,15 @@ from torch import Tensor
 from interpzoo.layers.protopnet import squared_l2_distances
 from interpzoo.metrics.calibration import Score
 from interpzoo.scorecard.common import ground_truth_batches, ground_truth_dataset, renderer_of
-from interpzoo.scorecard.parts import METRICS, Explainer, oracle_explainer, part_scores
+from interpzoo.scorecard.parts import (
+    METRICS,
+    Explainer,
+    cyclic_unit_parts,
+    normalised_unit_scores,
+    oracle_explainer,
+    part_scores,
+    random_class_patches,
+)
 
 __all__ = ["model_explainer", "random_patch_prototypes", "score"]
 
@@ -45,28 +53,15 @@ def model_explainer(net: Any, prototypes: Tensor | None = None) -> Explainer:
     return explain
 
 
-@torch.no_grad()
 def random_patch_prototypes(net: Any, pool, classes: Tensor, seed: int) -> Tensor:
     """``(P, D, ph, pw)``: for each prototype, the latent patch at a random cell of a random image of its class.
 
     ``pool`` is a dataset of labelled images (not the scored split).
     """
-    g = torch.Generator().manual_seed(int(seed))
-    labels = torch.tensor([int(pool[i]["label"]) for i in range(len(pool))])
-    ph, pw = net.prototype_layer.hw
-    device = next(net.parameters()).device
-    dtype = next(net.parameters()).dtype
-    out = []
-    for c in classes.tolist():
-        members = (labels == c).nonzero().flatten()
-        if members.numel() == 0:
-            raise ValueError(f"no image of class {c} to draw a random prototype from")
-        i = int(members[torch.randint(members.numel(), (1,), generator=g)])
-        z = net.latent(net.features(pool[i]["image"][None].to(device, dtype)))[0]
-        r = int(torch.randint(z.shape[1] - ph + 1, (1,), generator=g))
-        s = int(torch.randint(z.shape[2] - pw + 1, (1,), generator=g))
-        out.append(z[:, r : r + ph, s : s + pw])
-    return torch.stack(out)
+    p = next(net.parameters())
+    return random_class_patches(
+        lambda x: net.latent(net.features(x)), pool, classes, net.prototype_layer.hw, seed, p.device, p.dtype
+    )
 
 
 def _grid(net: Any, dataset, device, dtype) -> tuple[int, int]:
@@ -107,11 +102,7 @@ def score(
     kw["unit_active"] = active.cpu()
     raw = part_scores(model_explainer(net), ds, classes, renderer.num_classes, **kw)
     # prototype j of a class is the oracle of part (j mod K): every part gets an oracle when m >= K
-    rank_in_class = torch.zeros_like(classes)
-    for c in classes.unique():
-        members = (classes == c).nonzero().flatten()
-        rank_in_class[members] = torch.arange(members.numel())
-    oracle_parts = rank_in_class % k
+    oracle_parts = cyclic_unit_parts(classes, k)
     ceiling = part_scores(
         oracle_explainer(oracle_parts, grid), ds, classes, renderer.num_classes, unit_parts=oracle_parts, **kw
     )
@@ -127,10 +118,9 @@ def score(
     ]
     if details is not None:
         rnd_purity = sum(r["part_purity"] for r in randoms) / len(randoms)
-        span = ceiling["part_purity"] - rnd_purity
-        details["unit_part_scores"] = [
-            (u - rnd_purity) / span if abs(span) > 1e-9 else float("nan") for u in raw["unit_purity"]
-        ]
+        details["unit_part_scores"] = normalised_unit_scores(
+            raw["unit_purity"], ceiling["part_purity"], rnd_purity
+        )
     rows = []
     for name in METRICS:
         rnd = sum(r[name] for r in randoms) / len(randoms)
