@@ -239,7 +239,8 @@ def _check_eval(command: str, work: Path, main_run: Path) -> None:
     assert run.parent == work / "logs" / "eval" / "runs"
     metrics = _metrics(run)
     assert 0 <= metrics["test/acc"] <= 1
-    assert re.search(r"^\s*test/acc\s+[0-9.]+\s*$", proc.stdout, flags=re.M)
+    # the summary row: value, then ceiling / random / norm ("-": accuracy has none), then the kind
+    assert re.search(r"^\s*test/acc\s+[0-9.]+\s+-\s+-\s+-\s+task\s*$", proc.stdout, flags=re.M)
 
 
 def _check_train(command: str, work: Path, main_run: Path) -> None:
