@@ -20,6 +20,14 @@ and the share of edits that move the score the right way. Test accuracy is on th
 
     python benchmarks/concepts.py --out benchmarks/concepts_results.md   # the real run (17 min, 1 thread, loaded 2-core CPU)
     python benchmarks/concepts.py --quick --out /tmp/concepts_quick.md   # a smoke run (1-2 min)
+    python benchmarks/concepts.py --T 40 --solver eigh --out ...         # exact whitening (the committed run)
+    python benchmarks/concepts.py --skip paper cbm baselines ...         # exploring: contrastive CW only
+
+``--T`` / ``--solver`` set both CW layers' whitening (``model.net.T`` / ``model.net.solver``; ``eigh`` evaluates
+IterNorm's polynomial exactly and cannot diverge, so ``T`` can be raised to reach ``Sigma^{-1/2}``);
+``--precise-batches N`` re-estimates the CW layers' running mean and ``W`` on N training batches before each
+validation (``model.precise_statistics_batches``: eval-mode whitened covariance close to I);
+``--image-size`` the PartShapes side; ``--skip`` leaves methods out while exploring (commit full runs only).
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ from interpzoo.scorecard.concept_edits import ConceptEdits, edited_images
 
 CONCEPTS = ["has_red", "has_striped", "has_circle"]
 METHODS = ["paper CW", "contrastive CW", "CBM", "BN best filter", "BN linear probe (CAV)"]
+#: ``--skip`` names: the CW alignments, the CBM and the two post-hoc BN baselines
+SKIPPABLE = ["paper", "contrastive", "cbm", "baselines"]
 #: the issue's targets for contrastive CW (and CBM's AUC)
 TARGET_AUC, TARGET_INTERVENTION, CBM_TARGET_AUC = 0.85, 0.90, 0.95
 
@@ -73,6 +83,28 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--align-every", type=int, default=5)
     p.add_argument("--layer", default="layer3.0.bn1", help="the whitened (and probed) layer of resnet18s")
     p.add_argument("--activation-mode", default="pool_max", help="phi of a CW axis / BN filter")
+    p.add_argument(
+        "--precise-batches",
+        type=int,
+        default=0,
+        help="CW: re-estimate the running mean and W on this many training batches before each validation "
+        "(model.precise_statistics_batches; 0: the running averages)",
+    )
+    p.add_argument("--T", type=int, default=10, help="IterNorm iterations of both CW layers (model.net.T)")
+    p.add_argument(
+        "--solver",
+        default="auto",
+        choices=["auto", "eigh", "iteration"],
+        help="how p_T is evaluated (model.net.solver); eigh is exact and cannot diverge, so T can be raised",
+    )
+    p.add_argument("--image-size", type=int, default=32, help="PartShapes image side in pixels (32-64)")
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=SKIPPABLE,
+        help="methods not to run while exploring (the report then lacks their rows; commit full runs only)",
+    )
     p.add_argument("--concept-samples", type=int, default=200, help="probe images per concept (CW alignment)")
     p.add_argument("--samples", type=int, default=300, help="images of the varied-pose test and val splits")
     p.add_argument("--seed", type=int, default=0)
@@ -83,8 +115,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.n_train, args.n_test, args.warm_epochs, args.ft_epochs = 160, 64, 1, 1
         args.width, args.concept_samples, args.samples = 8, 32, 48
-    if min(args.warm_epochs, args.ft_epochs, args.samples, args.concept_samples) < 1:
-        p.error("--warm-epochs, --ft-epochs, --samples and --concept-samples must be >= 1")
+    if min(args.warm_epochs, args.ft_epochs, args.samples, args.concept_samples, args.T) < 1:
+        p.error("--warm-epochs, --ft-epochs, --samples, --concept-samples and --T must be >= 1")
     return args
 
 
@@ -183,25 +215,36 @@ def _evaluate(
 
 @torch.no_grad()
 def _whitening_checks(net: nn.Module, dm: PartShapesDataModule) -> dict[str, float]:
-    """``||R^T R - I||`` of the CW rotation and how close the whitened covariance is to I on test images."""
+    """``||R^T R - I||`` of the CW rotation and how close the whitened covariance is to I on test images.
+
+    ``cov_near_one``: the share of the covariance's eigenvalues in [0.5, 2]. Eval-mode whitening uses the
+    running ``W`` (a moving average of batch whitening matrices of a network that was still changing), and
+    ``eps`` caps the gain of directions whose variance is below it, so a low mean diagonal can come from a few
+    near-null directions (eigenvalues ~0, the rest ~1) or from uniform under-whitening: this tells which.
+    """
     net.eval()
     zs = [net(b["image"]).whitened.double() for b in dm.test_dataloader()]
     z = torch.cat(zs).permute(1, 0, 2, 3).flatten(1)  # (C, N*H*W)
     cov = torch.cov(z)
     eye = torch.eye(cov.shape[0], dtype=cov.dtype)
     off = (cov - torch.diag(torch.diagonal(cov))).abs()
+    ev = torch.linalg.eigvalsh(cov)
     return {
         "orth": rotation_orthogonality_error(net.cw_layer.running_rot),
         "cov_offdiag": float(off.sum() / (cov.numel() - cov.shape[0])),
         "cov_diag": float(torch.diagonal(cov).mean()),
         "cov_err": float((cov - eye).norm() / eye.norm()),
+        "cov_near_one": float(((ev >= 0.5) & (ev <= 2.0)).double().mean()),
+        "cov_eig_min": float(ev[0]),
+        "cov_eig_max": float(ev[-1]),
     }
 
 
 def train_cw(
     args: argparse.Namespace, dm: PartShapesDataModule, bundle: Path, alignment: str, **over: Any
 ) -> tuple[ConceptWhiteningModule, float]:
-    """Contrastive or paper CW warm-started from the BN ``bundle`` (``over``: layer, activation_mode, epochs)."""
+    """Contrastive or paper CW warm-started from the BN ``bundle`` (``over``: layer, activation_mode, epochs,
+    T, solver; the rest from ``args``)."""
     module = ConceptWhiteningModule(
         net={
             "name": "cw_resnet18s",
@@ -209,6 +252,8 @@ def train_cw(
             "alignment": alignment,
             "activation_mode": over.get("activation_mode", args.activation_mode),
             "whitened_layers": [over.get("layer", args.layer)],
+            "T": int(over.get("T", args.T)),
+            "solver": over.get("solver", args.solver),
         },
         concepts=list(CONCEPTS),
         align_every=args.align_every,
@@ -216,6 +261,7 @@ def train_cw(
         concept_eval_samples=min(args.concept_samples, 64),
         baselines=False,
         permutation_importance=False,
+        precise_statistics_batches=int(over.get("precise_batches", args.precise_batches)),
         **_common(args, dm),
     )
     seconds = _fit(module, dm, int(over.get("epochs", args.ft_epochs)), args.seed + 1)
@@ -224,6 +270,7 @@ def train_cw(
 
 def make_datamodule(args: argparse.Namespace, concept_samples: int | None = None) -> PartShapesDataModule:
     dm = PartShapesDataModule(
+        image_size=args.image_size,
         n_train=args.n_train,
         n_val=64,
         n_test=args.n_test,
@@ -281,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
 
     # 2. paper and contrastive CW from the same warm start
     for name, alignment in (("paper CW", "paper"), ("contrastive CW", "contrastive")):
+        if alignment in args.skip:
+            continue
         module, seconds = train_cw(args, dm, bundle, alignment)
         res = _evaluate(cw_scorer(module.net), test, edits)
         res.update(acc=_test_accuracy(module.net, dm), seconds=seconds, **_whitening_checks(module.net, dm))
@@ -288,6 +337,35 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         print(f"{name}: {res}", flush=True)
 
     # 3. CBM, joint, all concepts of the data, the BN's epoch budget
+    if "cbm" not in args.skip:
+        results["CBM"] = run_cbm(args, dm, common, test, edits)
+        print(f"CBM: {results['CBM']}", flush=True)
+
+    # 4. post-hoc baselines on the BN model at the same layer
+    if "baselines" not in args.skip:
+        bn.net.eval()
+        best_filter, cav = _bn_scorers(bn.net, layer, args.activation_mode, val, args.seed)
+        for name, scorer in (("BN best filter", best_filter), ("BN linear probe (CAV)", cav)):
+            results[name] = {**_evaluate(scorer, test, edits), "acc": bn_acc}
+            print(f"{name}: {results[name]}", flush=True)
+
+    total = time.time() - start
+    text = report(args, results, total, argv if argv is not None else sys.argv[1:])
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return results
+
+
+def run_cbm(
+    args: argparse.Namespace,
+    dm: PartShapesDataModule,
+    common: dict[str, Any],
+    test: tuple[torch.Tensor, torch.Tensor],
+    edits: list[ConceptEdits],
+) -> dict[str, Any]:
+    """The joint CBM on all concepts of the data, trained the BN's epoch budget, scored like the others."""
     cbm = CBMModule(
         net={"name": "cbm", "backbone": _backbone(args)},
         mode="joint",
@@ -309,23 +387,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         true_concept_acc=float(logged.get("test/true_concept_acc", float("nan"))),
         n_concepts=len(cbm.net.concepts),
     )
-    results["CBM"] = res
-    print(f"CBM: {res}", flush=True)
-
-    # 4. post-hoc baselines on the BN model at the same layer
-    bn.net.eval()
-    best_filter, cav = _bn_scorers(bn.net, layer, args.activation_mode, val, args.seed)
-    for name, scorer in (("BN best filter", best_filter), ("BN linear probe (CAV)", cav)):
-        results[name] = {**_evaluate(scorer, test, edits), "acc": bn_acc}
-        print(f"{name}: {results[name]}", flush=True)
-
-    total = time.time() - start
-    text = report(args, results, total, argv if argv is not None else sys.argv[1:])
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    return results
+    return res
 
 
 def _f(v: float) -> str:
@@ -345,8 +407,15 @@ def report(
         f"{args.samples} val images for choosing the best filter and fitting the probe); resnet18s width "
         f"{args.width}; BN {args.warm_epochs} + {args.ft_epochs} epochs, CW warm-started after {args.warm_epochs} "
         f"and fine-tuned {args.ft_epochs}, CBM (joint, all concepts) {args.warm_epochs + args.ft_epochs}; "
-        f"whitened / probed layer `{args.layer}`, `{args.activation_mode}`, alignment every {args.align_every} "
-        f"batches on {args.concept_samples} probe images per concept.  ",
+        f"{args.image_size} px images; whitened / probed layer `{args.layer}`, `{args.activation_mode}`, "
+        f"whitening T={args.T} (solver `{args.solver}`"
+        + (
+            f", population statistics from {args.precise_batches} training batches"
+            if args.precise_batches
+            else ""
+        )
+        + f"), alignment every {args.align_every} batches on "
+        f"{args.concept_samples} probe images per concept.  ",
         f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
         f"Python {platform.python_version()}; total wall {total:.0f} s.",
         "",
@@ -362,7 +431,7 @@ def report(
         "| --- |" + " ---: |" * (2 * len(CONCEPTS) + 3),
     ]
     lines.append(f"| BN | {_f(results['BN']['acc'])} |" + " – |" * (2 * len(CONCEPTS) + 2))
-    for name in METHODS:
+    for name in (m for m in METHODS if m in results):  # --skip leaves rows out
         r = results[name]
         auc, right = r["auc"], r["intervention"]
         lines.append(
@@ -372,26 +441,34 @@ def report(
             + " | ".join(_f(v) for v in right)
             + f" | {_f(float(np.nanmean(right)))} |"
         )
-    c = results["contrastive CW"]
-    passed = (
-        min(c["auc"]) >= TARGET_AUC
-        and min(c["intervention"]) >= TARGET_INTERVENTION
-        and c["acc"] >= results["BN"]["acc"] - 0.01
-    )
-    lines += [
-        "",
-        f"Issue targets for contrastive CW (AUC >= {TARGET_AUC} and >= {TARGET_INTERVENTION:.0%} right way on every "
-        f"concept, test accuracy within 1 point of BN): **{'met' if passed else 'not met'}**.",
-        "",
-        "| CW | ‖RᵀR − I‖ | whitened cov: mean diag | mean abs off-diag | ‖Σ − I‖/‖I‖ | fine-tune s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name in ("paper CW", "contrastive CW"):
+    if "contrastive CW" in results:
+        c = results["contrastive CW"]
+        passed = (
+            min(c["auc"]) >= TARGET_AUC
+            and min(c["intervention"]) >= TARGET_INTERVENTION
+            and c["acc"] >= results["BN"]["acc"] - 0.01
+        )
+        lines += [
+            "",
+            f"Issue targets for contrastive CW (AUC >= {TARGET_AUC} and >= {TARGET_INTERVENTION:.0%} right way on "
+            f"every concept, test accuracy within 1 point of BN): **{'met' if passed else 'not met'}**.",
+        ]
+    cws = [name for name in ("paper CW", "contrastive CW") if name in results]
+    if cws:
+        lines += [
+            "",
+            "| CW | ‖RᵀR − I‖ | whitened cov: mean diag | mean abs off-diag | ‖Σ − I‖/‖I‖ | eigenvalues in "
+            "[0.5, 2] | eigenvalue range | fine-tune s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+    for name in cws:
         r = results[name]
         lines.append(
             f"| {name} | {r['orth']:.1e} | {_f(r['cov_diag'])} | {_f(r['cov_offdiag'])} | {_f(r['cov_err'])} "
-            f"| {r['seconds']:.0f} |"
+            f"| {r['cov_near_one']:.0%} | {r['cov_eig_min']:.2g} – {r['cov_eig_max']:.2g} | {r['seconds']:.0f} |"
         )
+    if "CBM" not in results:
+        return "\n".join([*lines, ""])
     cbm = results["CBM"]
     curve = ", ".join(f"{k.rsplit('_n', 1)[1].lstrip('0') or '0'}: {v:.3f}" for k, v in cbm["curve"])
     lines += [

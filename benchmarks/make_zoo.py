@@ -54,17 +54,39 @@ def _recipes() -> dict[str, list[str]]:
             "trainer.max_epochs=8",
             f"seed={s}",
         ]
-    for s in (0, 1, 2):
+    for s in (0, 1, 2):  # contrastive alignment, exact whitening, population statistics (issue 15)
         out[f"cw_resnet18s.partshapes_s{s}"] = [
             "model=cw",
             *NARROW,
             "data=partshapes",
             *PS_SMALL,
+            "model.net.alignment=contrastive",
+            "model.net.T=40",
+            "model.net.solver=eigh",
+            "model.precise_statistics_batches=20",
             "model.baselines=false",
             "model.permutation_importance=false",
             "model.concept_eval_samples=100",
             "model.align_every=2",
             "trainer.max_epochs=5",
+            f"seed={s}",
+        ]
+    for s in (0, 1, 2):  # joint CBM on all 66 PartShapes concepts (the model config's default)
+        out[f"cbm_resnet18s.partshapes_s{s}"] = [
+            "model=cbm",
+            *NARROW,
+            "data=partshapes",
+            *PS_SMALL,
+            "trainer.max_epochs=4",
+            f"seed={s}",
+        ]
+    for s in (0, 1, 2):  # PIP-Net on the default layout: 1 pretraining epoch + 9 full epochs
+        out[f"pipnet_resnet18s.partshapes_s{s}"] = [
+            "model=pipnet",
+            *NARROW,
+            "data=partshapes",
+            *PS_SMALL,
+            "trainer.max_epochs=10",
             f"seed={s}",
         ]
     out["icnn_resnet18s.partshapes_s0"] = [
@@ -107,6 +129,8 @@ HEADLINE = {
     "baseline": ("none", "none"),  # the black box has no interpretability metric of its own: "–"
     "protopnet": ("test/prototype_class_purity", "prototype class purity"),
     "cw": ("test/concept_auc_mean", "concept AUC (mean)"),
+    "cbm": ("test/concept_auc_mean", "concept AUC (mean)"),
+    "pipnet": ("test/explanation_size", "explanation size (prototypes per decision)"),
     "icnn": ("test/location_instability", "location instability (lower is better)"),
     "senn": ("test/faithfulness", "faithfulness"),
     "soft": ("test/code_sparsity", "code sparsity"),

@@ -266,13 +266,32 @@ def locate_parts(x: torch.Tensor, mode: str = "argmax") -> torch.Tensor:
     return torch.where((total > 0)[..., None], cen, arg)
 
 
+_DISTANCE_TABLES: dict[tuple[int, int, str, str], torch.Tensor] = {}
+_MAX_TABLE_CELLS = 1024  # maps up to 32 x 32: a table of at most 4 MiB (float32)
+
+
+def _distance_table(h: int, w: int, style: str, device: torch.device) -> torch.Tensor:
+    """``(h * w, h * w)``: row ``k`` is :func:`mask_distance` of the part at cell ``k`` (row-major), cached.
+
+    The mask of a map is then one row gather instead of building ``|i - mu_i| / h + |j - mu_j| / w`` per
+    map; the rows are computed by :func:`mask_distance` itself, so the values are identical.
+    """
+    key = (int(h), int(w), style, str(device))
+    table = _DISTANCE_TABLES.get(key)
+    if table is None:
+        mu = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 2)
+        table = mask_distance(mu, h, w, style).reshape(h * w, h * w).to(device)
+        _DISTANCE_TABLES[key] = table
+    return table
+
+
 def part_mask(
     x: torch.Tensor,
     sharpness: float | torch.Tensor = 4.0,
     locate: str = "argmax",
     style: str = "paper",
 ) -> torch.Tensor:
-    """The (detached) mask ``max(1 - a * d(mu_hat), -1)`` of every map.
+    """The (detached) mask ``max(1 - a * d(mu_hat), -1)`` of every map (Zhang, Wu, Zhu 2018, Sec. 3.1).
 
     Args:
         x: ``(B, C, H, W)`` maps after ReLU.
@@ -285,15 +304,25 @@ def part_mask(
         ``(B, C, H, W)`` mask in ``[-1, 1]`` with value 1 at ``mu_hat``; no gradient flows into it.
     """
     _check_maps(x)
+    if style not in MASK_STYLES:
+        raise ValueError(f"mask style must be one of {MASK_STYLES}, got {style!r}")
     b, c, h, w = x.shape
-    mu = locate_parts(x, locate)
-    d = mask_distance(mu, h, w, style)
+    if h * w > _MAX_TABLE_CELLS:  # a (h w)^2 table would be large: build the distances per map
+        d = mask_distance(locate_parts(x, locate), h, w, style).view(b, c, h * w)
+    elif locate == "argmax":  # the flat argmax is the row of the distance table (no (row, col) round trip)
+        flat = x.detach().reshape(b, c, h * w).argmax(-1)
+        d = _distance_table(h, w, style, x.device)[flat.reshape(-1)].view(b, c, h * w)
+    else:
+        mu = locate_parts(x, locate)
+        d = _distance_table(h, w, style, x.device)[(mu[..., 0] * w + mu[..., 1]).reshape(-1)].view(
+            b, c, h * w
+        )
     a = torch.as_tensor(sharpness, dtype=d.dtype, device=d.device)
     if a.dim() == 1:
         if a.numel() != c:
             raise ValueError(f"sharpness has {a.numel()} values but x has {c} channels")
-        a = a.view(1, c, 1, 1)
-    return (1.0 - a * d).clamp(min=-1.0).to(x.dtype).detach()
+        a = a.view(1, c, 1)
+    return (1.0 - a * d).clamp_(min=-1.0).view(b, c, h, w).to(x.dtype).detach()
 
 
 def spatial_spread(x: torch.Tensor, style: str = "official") -> torch.Tensor:
@@ -555,13 +584,17 @@ def _location_entropy(log_post: torch.Tensor, log_pos: torch.Tensor) -> torch.Te
 
 
 def supervised_filter_terms(
-    scores: torch.Tensor, positive: torch.Tensor, alpha: float | None = None
+    scores: torch.Tensor,
+    positive: torch.Tensor,
+    alpha: float | None = None,
+    monitor_alpha: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Label-aware counterpart of the MI terms (deviation; see :func:`filter_loss`), per filter.
 
-    The posterior ``p(T|x)`` is the paper's (templates, batch-normalised likelihoods), with the prior
-    of the positive templates set to the fraction ``alpha_c`` of images positive for filter ``c`` (the
-    reference code balances positives and negatives the same way). Then, averaged over images:
+    The posterior ``p(T|x)`` is the paper's (templates, batch-normalised likelihoods, Zhang, Wu, Zhu 2018
+    Eq. 3), with the prior of the positive templates set to the fraction ``alpha_c`` of images positive for
+    filter ``c`` (the reference code balances positives and negatives the same way). Then, averaged over
+    images:
 
     * ``inter = mean_x -log p(T' = y_x | x)``: negatives must fit ``T-``, positives a positive template;
     * ``spatial = mean_x 1[y_x = +] H(T+|X=x)``: a positive image peaks at one location.
@@ -569,24 +602,99 @@ def supervised_filter_terms(
     Both are 0 for an ideal batch. Uniform image weights (instead of the MI's ``p(x)``) matter: with
     ``p(x)`` weights the optimiser lowers the loss by concentrating ``p(x)`` on a few easy images.
 
+    Computed by :class:`_SupervisedTerms` in closed form (one log-softmax over the batch, one softmax over
+    the locations, a hand-written backward), which equals the posterior-by-posterior evaluation exactly.
+
     Args:
         scores: ``(B, C, T)``; positive: ``(B, C)`` bool; alpha: fixed positive prior mass instead.
+        monitor_alpha: the ``alpha`` of :func:`template_priors` (``None``: uniform priors) under which
+            ``mi``, the paper's ``MI(X; T)`` (Eq. 3) of the same scores, is computed for monitoring.
+
+    Returns:
+        dict of ``(C,)`` tensors ``inter``, ``spatial``, ``loss`` and ``mi`` (no gradient).
     """
     b, c, t = scores.shape
+    if t < 2:
+        raise ValueError(f"scores need at least one positive and the negative template, got {t} templates")
     pos = positive.to(scores.device)
+    if pos.shape != (b, c):
+        raise ValueError(f"positive must be (B, C) = ({b}, {c}) booleans, got shape {tuple(pos.shape)}")
+    pos = pos.bool()
     a = (
         pos.to(scores.dtype).mean(0)
         if alpha is None
         else torch.full((c,), float(alpha), dtype=scores.dtype, device=scores.device)
     )
     a = a.clamp(0.5 / b, 1.0 - 0.5 / b)
-    lp = torch.cat([(a / (t - 1)).log()[:, None].expand(c, t - 1), (1.0 - a).log()[:, None]], 1)
-    log_joint = torch.log_softmax(scores, dim=0) + lp
-    log_post = log_joint - torch.logsumexp(log_joint, dim=2, keepdim=True)
-    log_neg, log_pos = _split_posterior(log_post)
-    inter = -torch.where(pos, log_pos, log_neg).mean(0)
-    spatial = (pos.to(scores.dtype) * _location_entropy(log_post, log_pos)).mean(0)
-    return {"inter": inter, "spatial": spatial, "loss": inter + spatial}
+    log_prior_pos, log_prior_neg = (a / (t - 1)).log(), (1.0 - a).log()  # (C,) each; no gradient (labels)
+    if monitor_alpha is None:
+        m_pos = m_neg = -math.log(t)  # uniform priors: every template 1 / T
+    else:
+        if not 0.0 < monitor_alpha < 1.0:
+            raise ValueError(f"monitor_alpha must be in (0, 1), got {monitor_alpha}")
+        m_pos, m_neg = math.log(monitor_alpha / (t - 1)), math.log(1.0 - monitor_alpha)
+    inter, spatial, mi = _SupervisedTerms.apply(scores, pos, log_prior_pos, log_prior_neg, m_pos, m_neg)
+    return {"inter": inter, "spatial": spatial, "loss": inter + spatial, "mi": mi}
+
+
+class _SupervisedTerms(torch.autograd.Function):
+    """``(inter, spatial, mi)`` of :func:`supervised_filter_terms` with a closed-form backward.
+
+    With ``l = log_softmax_b(s)`` (``log p(x|T)``), ``A = logsumexp_{t+} l`` and ``n = l[..., T-]``:
+    the positive templates share one prior ``a / (T - 1)``, so ``log p(T+|x) = -softplus(-u)`` and
+    ``log p(T-|x) = -softplus(u)`` with the log-odds ``u = A + log(a / (T - 1)) - n - log(1 - a)``, and
+    ``p(T_mu|x, T+) = softmax_{t+}(l) = q`` (the priors cancel), ``H(T+|x) = -sum q log q``. Hence
+
+    * ``inter = mean_b softplus(+-u)`` (``-u`` for positives), ``d/du = (sigmoid(u) - y) / B``;
+    * ``spatial = mean_b y H``, ``dH/dl_t = -q_t (log q_t + H)``;
+    * ``ds = dl - softmax_b(s) sum_b dl`` (the log-softmax backward).
+
+    This takes about half the ``(B, C, T)``-sized passes (and saved tensors) of composing the posterior
+    step by step under autograd. ``mi`` (paper Eq. 3, no gradient) reuses ``P = exp(l)``:
+    ``MI = sum_t p_t sum_b P l - sum_b e^{log p(x)} log p(x)``, as ``sum_t p_t P = p(x)``.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, pos, lp_pos, lp_neg, m_pos, m_neg):  # type: ignore[override]
+        ls = torch.log_softmax(scores, dim=0)  # log p(x|T), (B, C, T)
+        lsp, ln = ls[..., :-1], ls[..., -1]
+        # A = logsumexp_{t+} l and q = softmax_{t+} l sharing one exp (torch.logsumexp + exp would take two)
+        top = lsp.amax(-1, keepdim=True)
+        q = (lsp - top).exp_()
+        norm = q.sum(-1, keepdim=True)
+        q.div_(norm)
+        lse_k = top + norm.log()
+        lq = lsp - lse_k  # log p(T_mu | x, T+)
+        lse = lse_k.squeeze(-1)  # A, (B, C)
+        ent = -(q * lq).sum(-1)  # H(T+|x), (B, C)
+        u = lse + lp_pos - ln - lp_neg  # log p(T+|x) - log p(T-|x)
+        posf = pos.to(ls.dtype)
+        inter = F.softplus(torch.where(pos, -u, u)).mean(0)
+        spatial = (posf * ent).mean(0)
+        lik = ls.exp()  # p(x|T), reused by the backward
+        # monitoring MI under the paper's priors (equal for the positive templates)
+        log_px = torch.logaddexp(lse + m_pos, ln + m_neg)  # log p(x), (B, C)
+        w = torch.full((ls.shape[-1],), math.exp(m_pos), dtype=ls.dtype, device=ls.device)
+        w[-1] = math.exp(m_neg)
+        # elementwise (no matmul): under autocast a matmul would run in half precision
+        mi = ((lik * ls).sum(0) * w).sum(-1) - (log_px.exp() * log_px).sum(0)
+        ctx.save_for_backward(lik, q, lq, ent, torch.sigmoid(u) - posf, posf)
+        ctx.mark_non_differentiable(mi)
+        return inter, spatial, mi
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_inter, g_spatial, g_mi):  # type: ignore[override]
+        lik, q, lq, ent, dsoft, posf = ctx.saved_tensors
+        b = lik.shape[0]
+        g_u = dsoft * (g_inter / b)  # (B, C)
+        g_ent = posf * (g_spatial / b)
+        g_l = torch.empty_like(lik)
+        # d/dl_mu = q (dA g_u - g_H (log q + H)), as dA/dl_mu = q_mu
+        torch.mul(q, g_u.unsqueeze(-1) - g_ent.unsqueeze(-1) * (lq + ent.unsqueeze(-1)), out=g_l[..., :-1])
+        g_l[..., -1] = -g_u
+        g_s = g_l - lik * g_l.sum(0, keepdim=True)
+        return g_s, None, None, None, None, None
 
 
 def filter_loss(
@@ -631,25 +739,42 @@ def filter_loss(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     b, c, h, w = x.shape
-    templates = part_templates(h, w, beta, tau)
-    xn = normalize_maps(x, normalize, sync)
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
     # float32 at least: log-softmax over the batch of large scores is unstable in half precision.
-    work = xn.float() if xn.dtype in (torch.float16, torch.bfloat16) else xn
-    scores = template_scores(work, templates, template_scale)
+    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    templates = part_templates(h, w, beta, tau).to(device=x.device, dtype=work.dtype)
+    # scale * tr((x / max_c) . T) = (scale / max_c) tr(x . T): one pass over the (B, C, T) scores applies both
+    # the template scale and the detached per-filter normalisation (normalize_maps) instead of two passes.
+    raw = work.reshape(b, c, h * w) @ templates.reshape(-1, h * w).T  # (B, C, T)
+    if normalize == "max":
+        m = x.detach().amax(dim=(0, 2, 3)).float()
+        if sync:
+            all_reduce_(m, "max")
+        scores = raw * (template_scale / m.clamp(min=1e-6).to(raw.dtype)).view(1, c, 1)
+    else:
+        scores = raw * template_scale if template_scale != 1.0 else raw
     pos = None if positive is None else _expand_positive(positive.to(x.device), b, c)
     if sync and _world_size() > 1:
         scores = gather_batch(scores, with_grad=True)
         if pos is not None:
             pos = gather_batch(pos.to(torch.uint8), with_grad=False).bool()
-    paper = filter_mi_terms(scores, template_priors(h, w, None if pos is not None else alpha).log())
-    terms = paper if pos is None else supervised_filter_terms(scores, pos, alpha)
+    log_prior = template_priors(h, w, None if pos is not None else alpha).log()
+    if pos is None:
+        terms = filter_mi_terms(scores, log_prior)
+        mi, prior_entropy = terms["mi"], terms["prior_entropy"]
+    else:
+        # the MI under uniform priors is monitored only: computed inside the fused terms, no gradient
+        terms = supervised_filter_terms(scores, pos, alpha)
+        mi = terms["mi"]
+        prior_entropy = -(log_prior.exp() * log_prior).sum().to(device=scores.device, dtype=scores.dtype)
     red = torch.mean if reduction == "mean" else torch.sum
     return FilterLossOutput(
         loss=red(terms["loss"]),
-        mi=red(paper["mi"]),
+        mi=red(mi),
         inter_category_entropy=red(terms["inter"]),
         spatial_entropy=red(terms["spatial"]),
-        prior_entropy=red(paper["prior_entropy"].expand(c)),
+        prior_entropy=red(prior_entropy.expand(c)),
         per_filter=terms["loss"],
     )
 

@@ -134,7 +134,9 @@ class NonNegLinear(nn.Module):
         )
 
 
-def alignment_loss(maps1: torch.Tensor, maps2: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+def alignment_loss(
+    maps1: torch.Tensor, maps2: torch.Tensor, eps: float = 1e-12, offsets: torch.Tensor | None = None
+) -> torch.Tensor:
     """PIP-Net alignment loss ``L_A`` (Eq. 1): ``-1/(HW) sum_{h,w} log(z'_{hw} . z''_{hw} + eps)``.
 
     ``z'``, ``z''`` are the patch softmaxes of two augmented views of the same images; the dot product of the
@@ -142,8 +144,16 @@ def alignment_loss(maps1: torch.Tensor, maps2: torch.Tensor, eps: float = 1e-12)
     the reference (``train.py``: ``(align(z1, z2.detach()) + align(z2, z1.detach())) / 2``), each view is
     pulled towards the other, stopped-gradient one, and the loss is averaged over the batch too.
 
+    Eq. 1 pairs the patches that show the same image content ("corresponding patches", Sec. 3.1). Without
+    ``offsets`` that is the patch at the same ``(h, w)`` in both views (the paper's views differ by colour and a
+    sub-cell crop only). With ``offsets``, view 2 was shifted by a whole number of latent cells relative to
+    view 1, so the content of view 1's patch ``(h, w)`` is view 2's patch ``(h + dy, w + dx)``: those are paired,
+    and the mean runs over the patches whose partner lies inside view 2 (a patch shifted out has no partner).
+
     Args:
         maps1, maps2: ``(B, D, H, W)`` patch softmaxes of the two views.
+        eps: added inside the log (the reference: ``1e-12``).
+        offsets: ``(B, 2)`` integer ``(dy, dx)`` per image, or ``None`` (all zero).
 
     Returns:
         A scalar.
@@ -153,9 +163,29 @@ def alignment_loss(maps1: torch.Tensor, maps2: torch.Tensor, eps: float = 1e-12)
             f"alignment_loss needs two (B, D, H, W) maps of the same shape, got {tuple(maps1.shape)} and "
             f"{tuple(maps2.shape)}"
         )
-    # (B, D, H, W) -> (B*H*W, D): one D-vector per patch, as the reference flattens them
-    e1 = maps1.flatten(2).transpose(1, 2).reshape(-1, maps1.shape[1])
-    e2 = maps2.flatten(2).transpose(1, 2).reshape(-1, maps2.shape[1])
+    b, d, h, w = maps1.shape
+    # (B, D, H, W) -> (B, H*W, D): one D-vector per patch, as the reference flattens them
+    e1 = maps1.flatten(2).transpose(1, 2)
+    e2 = maps2.flatten(2).transpose(1, 2)
+    if offsets is None:
+        e1, e2 = e1.reshape(-1, d), e2.reshape(-1, d)
+    else:
+        off = torch.as_tensor(offsets, device=maps1.device).long()
+        if off.shape != (b, 2):
+            raise ValueError(
+                f"offsets must be (B, 2) = ({b}, 2) integer (dy, dx), got shape {tuple(off.shape)}"
+            )
+        rows = torch.arange(h, device=maps1.device).view(1, h, 1) + off[:, 0].view(b, 1, 1)  # (B, H, 1)
+        cols = torch.arange(w, device=maps1.device).view(1, 1, w) + off[:, 1].view(b, 1, 1)  # (B, 1, W)
+        valid = ((rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)).flatten(1)  # (B, H*W)
+        if not bool(valid.any()):
+            raise ValueError(
+                f"offsets shift every patch out of the {h}x{w} grid: no corresponding patches to align; "
+                f"use shifts smaller than the grid"
+            )
+        partner = (rows.clamp(0, h - 1) * w + cols.clamp(0, w - 1)).flatten(1)  # (B, H*W) index into view 2
+        e2 = e2.gather(1, partner.unsqueeze(2).expand(-1, -1, d))
+        e1, e2 = e1[valid], e2[valid]
 
     def one_way(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return -torch.log((a * b.detach()).sum(1) + eps).mean()

@@ -25,6 +25,7 @@ __all__ = [
     "PrototypeLayer",
     "avg_separation_cost",
     "cluster_cost",
+    "cluster_separation_costs",
     "l1_off_class",
     "log_similarity",
     "linear_similarity",
@@ -65,7 +66,10 @@ def squared_l2_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Ten
     ``||z - p||^2 = ||z||^2 - 2 z.p + ||p||^2`` where ``||z||^2`` is a convolution of ``z^2`` with ones
     and ``z.p`` a convolution with the prototypes (reference ``_l2_convolution``). Always computed in
     float32 or wider, also under autocast: ``||z||^2`` and ``||p||^2`` are large and nearly cancel, which fp16/bf16
-    cannot represent. Round-off can make the difference slightly negative, so it is clamped at 0.
+    cannot represent. Round-off can make the difference slightly negative, so it is clamped at 0. On CUDA
+    the terms are matrix products (:func:`_patch_terms_exact`, no TF32 convolutions); on CPU, ``1 x 1``
+    prototypes (the paper's) take one batched product (:func:`_pointwise_distances`), larger ones the
+    convolutions.
 
     Args:
         z: ``(B, D, H, W)`` latent map.
@@ -95,12 +99,31 @@ def squared_l2_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Ten
         z32, p32 = z.to(dtype), prototypes.to(dtype)
         if z.device.type == "cuda":
             z2, zp = _patch_terms_exact(z32, p32)
+        elif prototypes.shape[2] == prototypes.shape[3] == 1:
+            return _pointwise_distances(z32, p32)
         else:
             ones = torch.ones((1, *p32.shape[1:]), dtype=dtype, device=z.device)
             z2 = F.conv2d(z32 * z32, ones)  # (B, 1, H', W')
             zp = F.conv2d(z32, p32)  # (B, P, H', W')
         p2 = (p32 * p32).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
         return F.relu(z2 - 2.0 * zp + p2)
+
+
+def _pointwise_distances(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``(B, P, H, W)`` ``relu(||z||^2 + ||p||^2 - 2 z.p)`` for ``1 x 1`` prototypes (Chen et al. 2019, Sec. 2.1).
+
+    The same expansion as the convolution route, with ``||z||^2`` a channel sum (not a convolution of
+    ``z^2`` with ones) and ``||z||^2 + ||p||^2 - 2 z.p`` one batched ``baddbmm`` accumulating the product
+    onto the broadcast norms (two passes over the ``(B, P, H W)`` output before the clamp instead of three,
+    and no convolution set-up); equal up to float rounding.
+
+    Args:
+        z: ``(B, D, H, W)``; p: ``(P, D, 1, 1)``, same dtype.
+    """
+    b, _, hh, ww = z.shape
+    zf, pf = z.flatten(2), p.flatten(1)  # (B, D, HW), (P, D)
+    norms = (zf * zf).sum(1, keepdim=True) + (pf * pf).sum(1).view(1, -1, 1)  # (B, P, HW)
+    return F.relu(torch.baddbmm(norms, pf.expand(b, -1, -1), zf, alpha=-2.0)).view(b, -1, hh, ww)
 
 
 def _patch_terms_exact(z: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,13 +264,32 @@ def _masked_min_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over rows of the min of ``values`` where ``mask``; rows with no valid entry are skipped.
 
     The reference computes this as ``max_dist - max((max_dist - d) * mask)``, which is only right while
-    every ``d <= max_dist``; filling invalid entries with ``+inf`` is right for any ``d``.
+    every ``d <= max_dist``; filling invalid entries with ``+inf`` is right for any ``d``. The mean over
+    valid rows is ``sum(valid mins) / max(#valid, 1)`` (0, with the graph intact, when no row is valid):
+    no boolean indexing and no ``bool()``, so no host synchronisation in the training step.
     """
     mins = values.masked_fill(~mask, float("inf")).min(dim=1).values
     valid = torch.isfinite(mins)
-    if not bool(valid.any()):
-        return values.sum() * 0.0  # keeps the graph (and DDP) intact when nothing is valid
-    return mins[valid].mean()
+    total = torch.where(valid, mins, torch.zeros_like(mins)).sum()
+    return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+def cluster_separation_costs(
+    min_distances: torch.Tensor,
+    labels: torch.Tensor,
+    class_identity: torch.Tensor,
+    active: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Clst, Sep)`` of Chen et al. 2019, Eq. (1), from one own-class mask (what the joint step needs).
+
+    Equal to ``(cluster_cost(...), separation_cost(...))``; the ``(B, P)`` mask and the active-prototype
+    mask are built once for both. Arguments as :func:`cluster_cost`.
+    """
+    own = _own_class_mask(labels, class_identity)
+    if active is None:
+        return _masked_min_mean(min_distances, own), _masked_min_mean(min_distances, ~own)
+    act = active.bool().unsqueeze(0)
+    return _masked_min_mean(min_distances, own & act), _masked_min_mean(min_distances, ~own & act)
 
 
 def cluster_cost(

@@ -61,6 +61,120 @@ def _as_pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Input convolution with a cheap input gradient (the robustness loss's hot spot on CPU)
+# ------------------------------------------------------------------------------------------------
+class _ConvTransposeInput(torch.autograd.Function):
+    """``dL/dx`` of ``y = conv2d(x, W, padding=p)`` (stride 1, no dilation) from ``g = dL/dy``.
+
+    Forward: the transposed convolution written as a *depthwise* convolution of ``g`` with the
+    flipped kernels, padding ``k - 1 - p``, summed over the ``C_out`` groups:
+    ``dL/dx[b, c] = sum_o corr(pad(g[b, o]), flip(W[o, c]))``.
+    Backward (the robustness loss's double backward), both as ordinary convolutions:
+    ``d/dg = conv2d(u, W, padding=p)`` (the adjoint of a transposed convolution is the convolution) and
+    ``d/dW[o, c] = sum_b corr(pad(u[b, c]), g[b, o])`` = ``conv2d(u^T, g^T, padding=p)^T`` (``u`` the
+    upstream gradient ``(B, C_in, H, W)``, ``^T`` swapping batch and channels). Both are
+    differentiable, so every higher derivative stays exact too.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_y: torch.Tensor,
+        weight: torch.Tensor,
+        padding: tuple[int, int],
+    ) -> torch.Tensor:
+        ctx.save_for_backward(grad_y, weight)
+        ctx.padding = padding
+        out_c, in_c, kh, kw = weight.shape
+        flipped = weight.flip(-1, -2).reshape(out_c * in_c, 1, kh, kw)  # row o * C_in + c: W[o, c]
+        pad = (kh - 1 - padding[0], kw - 1 - padding[1])
+        maps = F.conv2d(grad_y, flipped, padding=pad, groups=out_c)  # (B, C_out * C_in, H, W)
+        return maps.view(grad_y.shape[0], out_c, in_c, *maps.shape[-2:]).sum(1)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, upstream: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        grad_y, weight = ctx.saved_tensors
+        d_grad_y = d_weight = None
+        if ctx.needs_input_grad[0]:
+            d_grad_y = F.conv2d(upstream, weight, padding=ctx.padding)
+        if ctx.needs_input_grad[1]:
+            d_weight = F.conv2d(upstream.transpose(0, 1), grad_y.transpose(0, 1), padding=ctx.padding)
+            d_weight = d_weight.transpose(0, 1)
+        return d_grad_y, d_weight, None
+
+
+class _ConvInputGradient(torch.autograd.Function):
+    """Identity on ``y = conv2d(x.detach(), W)`` whose backward adds ``dL/dx`` (:class:`_ConvTransposeInput`).
+
+    ``W`` gets no gradient from this node: its first-order gradient comes from the native
+    convolution that produced ``y``; its second-order one from the graph of ``dL/dx``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        padding: tuple[int, int],
+    ) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.padding = padding
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            (weight,) = ctx.saved_tensors
+            grad_x = _ConvTransposeInput.apply(grad, weight, ctx.padding)
+        return grad, grad_x, None, None
+
+
+class InputConv2d(nn.Conv2d):
+    """``nn.Conv2d`` for the *first* layer of a SENN network, with a faster gradient w.r.t. its input.
+
+    Same parameters, state-dict keys and output as ``nn.Conv2d``; it differs only in how the gradient
+    w.r.t. the input is computed, and only for a single-channel input that requires grad on the CPU.
+    That is when the robustness loss (Alvarez-Melis & Jaakkola 2018, Sec. 3: ``L_theta = || grad_x
+    f(x) - theta(x)^T J_x h(x) ||``) differentiates the network w.r.t. ``x``: each of its ``C``
+    vector-Jacobian products ends in this layer's input gradient, and their double backward in its
+    derivatives. oneDNN's backward kernels are slow here: for ``(64, 1, 32, 32)``, 10 maps, 5x5 on
+    one core, backward-data takes ~4x the forward and the weight gradient of its double backward ~6x.
+    So the weight and bias gradients of the prediction still come from the native convolution (of
+    ``x.detach()``), which leaves the unpenalised step untouched, and the input gradient from
+    :class:`_ConvTransposeInput` (a depthwise and two ordinary forward convolutions, the fast
+    kernels). Value, first and second derivatives are those of the convolution, to float rounding.
+
+    Elsewhere it is plain ``nn.Conv2d``: on CUDA (cuDNN has no such gap), for strides, dilation,
+    groups or non-zero padding modes, and for ``C_in > 1`` (measured: oneDNN's grouped kernel with
+    several outputs per group, which :class:`_ConvTransposeInput` would use, is slower than native).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (
+            x.requires_grad
+            and torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and x.dim() == 4
+            and self.in_channels == 1
+            and self.groups == 1
+            and self.stride == (1, 1)
+            and self.dilation == (1, 1)
+            and self.padding_mode == "zeros"
+            and isinstance(self.padding, tuple)
+            and all(p < k for p, k in zip(self.padding, self.kernel_size))
+        ):
+            return super().forward(x)
+        y = super().forward(x.detach())
+        return _ConvInputGradient.apply(y, x, self.weight, self.padding)
+
+
+# ------------------------------------------------------------------------------------------------
 # Conceptizers h: (B, *input) -> concepts (B, k) [+ reconstruction (B, *input)]
 # ------------------------------------------------------------------------------------------------
 class Conceptizer(nn.Module):
@@ -159,7 +273,7 @@ class ConvAutoencoderConceptizer(Conceptizer):
         self.in_chans = in_chans
         self.n_concepts = int(n_concepts)
         self.encoder = nn.Sequential(
-            nn.Conv2d(in_chans, 10, 5),
+            InputConv2d(in_chans, 10, 5),
             nn.MaxPool2d(2),
             nn.ReLU(),
             nn.Conv2d(10, self.n_concepts, 5),
@@ -377,7 +491,7 @@ class ConvParametrizer(Parametrizer):
                 "upsample the data (e.g. data.image_size=32) or use parametrizer type 'mlp'"
             )
         body = nn.Sequential(
-            nn.Conv2d(in_chans, 10, 5),
+            InputConv2d(in_chans, 10, 5),
             nn.MaxPool2d(2),
             nn.ReLU(),
             nn.Conv2d(10, 20, 5),
@@ -588,14 +702,21 @@ def robustness_loss(
     if reduction not in PENALTY_REDUCTIONS:
         raise ValueError(f"penalty reduction must be one of {PENALTY_REDUCTIONS}, got {reduction!r}")
     residual = robustness_residual(x, concepts, relevances, logits, target, method, create_graph)
-    if input_scale is not None:
+    # One scale for every entry (a single input channel): every norm below is |s| times the unscaled
+    # one, so scale the (B,) norms instead of the (B, C, *input) residual and its gradient.
+    factor = None
+    if input_scale is not None and input_scale.numel() == 1:
+        factor = input_scale.reshape(()).abs()
+    elif input_scale is not None:
         residual = residual * input_scale
     batch = residual.shape[0]
-    if reduction == "batch_fro":
-        return torch.linalg.vector_norm(residual)
-    if reduction == "rms":
-        return torch.linalg.vector_norm(residual) / math.sqrt(batch)
+    if reduction in ("batch_fro", "rms"):
+        total = torch.linalg.vector_norm(residual)
+        total = total if factor is None else total * factor
+        return total if reduction == "batch_fro" else total / math.sqrt(batch)
     per_sample = torch.linalg.vector_norm(residual.flatten(1), dim=1)  # zero-safe gradient, unlike sqrt
+    if factor is not None:
+        per_sample = per_sample * factor
     return per_sample if reduction == "none" else per_sample.mean()
 
 

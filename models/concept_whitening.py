@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ __all__ = [
     "concept_forward",
     "forward_until",
     "paper_layer_names",
+    "precise_whitening_statistics",
     "replace_batchnorm",
     "resolve_layers",
 ]
@@ -221,6 +222,41 @@ def forward_until(
 
 
 @torch.no_grad()
+@torch.no_grad()
+def precise_whitening_statistics(net: nn.Module, batches: Callable[[], Iterable[torch.Tensor]]) -> int:
+    """Re-estimate every concept-whitening layer's running mean and ``W`` on the population of ``batches``.
+
+    The whitening analogue of precise BatchNorm (Wu & Johnson 2021; see
+    :meth:`~layers.concept_whitening.ConceptWhitening2d.population_statistics`): in eval mode, layer by
+    layer in network order (each later layer sees its input through the already re-estimated earlier ones),
+    ``batches()`` is iterated once per layer and the pass stops after that layer. The rotation is untouched.
+    Under DDP the synced layers sum the moments over ranks (every rank must yield the same number of batches).
+
+    Args:
+        net: a network with concept-whitening layers.
+        batches: returns a fresh iterable of input batches ``(B, in_chans, H, W)`` on the network's device.
+
+    Returns:
+        the number of images seen per layer.
+    """
+    layers = list(concept_whitening_layers(net).values())
+    if not layers:
+        raise ValueError(f"{type(net).__name__} has no concept-whitening layer; use replace_batchnorm first")
+    was_training = net.training
+    net.eval()
+    seen = 0
+    try:
+        for layer in layers:
+            seen = 0
+            with layer.population_statistics():
+                for x in batches():
+                    forward_until(net, layer, x, capture=None)
+                    seen += int(x.shape[0])
+    finally:
+        net.train(was_training)
+    return seen
+
+
 def concept_forward(
     net: nn.Module, x: torch.Tensor, axis: int, stop_early: bool = True, negative: bool = False
 ) -> None:
@@ -280,7 +316,7 @@ class ConceptWhiteningNet(TrunkNet):
         concepts: concept names of axes ``0..K-1``.
         whitened_layers: names inside the trunk (torchvision paths such as ``layer3.0.bn1``) or the
             paper's indices; ``None``: :data:`DEFAULT_LAYERS` of the backbone.
-        T, momentum, activation_mode, grad_mode, rot_dtype, affine, guard: layer options
+        T, momentum, activation_mode, grad_mode, rot_dtype, affine, guard, solver: layer options
             (:class:`~layers.concept_whitening.ConceptWhitening2d`).
         alignment: ``paper`` (Eq. 3, the default: bundles saved before the option load unchanged) or
             ``contrastive`` (axes aligned with the difference between images with and without the concept;
@@ -309,6 +345,7 @@ class ConceptWhiteningNet(TrunkNet):
         guard: str = "fallback",
         dropout: float = 0.0,
         alignment: str = "paper",
+        solver: str = "auto",
     ) -> None:
         super().__init__(num_classes, in_chans, mean, std, backbone)
         layers = (
@@ -330,6 +367,7 @@ class ConceptWhiteningNet(TrunkNet):
             affine=affine,
             guard=guard,
             alignment=alignment,
+            solver=solver,
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
@@ -350,7 +388,9 @@ class ConceptWhiteningNet(TrunkNet):
         captured: dict[str, torch.Tensor] = {}
 
         def keep(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            captured["z"] = output
+            # A copy: the trunk may apply an in-place ReLU to the layer's output right after it (torchvision's
+            # BasicBlock does after bn1), and the axes are the layer's output, not its rectified version.
+            captured["z"] = output.clone()
 
         handle = self.cw_layer.register_forward_hook(keep)
         try:

@@ -75,6 +75,12 @@ class ConceptWhiteningModule(ClassificationModule):
         eval_every_n_epochs: concept metrics every N validation epochs (always at test).
         baselines: compute the best-filter and CAV baselines (needs ``init_from`` or a pretrained backbone).
         permutation_importance: compute ``concept_importance/<c>`` at test.
+        precise_statistics_batches: before every validation of the fit (and at the end of training when no
+            validation followed the last step), re-estimate the whitening layers' running mean and ``W`` on
+            this many training batches (population statistics, like precise BatchNorm;
+            :func:`~models.concept_whitening.precise_whitening_statistics`), so checkpoints and eval-mode
+            outputs whiten the training distribution as it now is. ``0``: keep the exponential
+            running averages of training (the paper's).
         report_top_k, report_samples: report figure of the top-``k`` test images per axis out of the
             first ``report_samples`` test images.
         **kwargs: the network config ``net`` (must build a concept-whitening network; default ``cw``),
@@ -97,6 +103,7 @@ class ConceptWhiteningModule(ClassificationModule):
         permutation_importance: bool = True,
         report_top_k: int = 8,
         report_samples: int = 512,
+        precise_statistics_batches: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -112,6 +119,11 @@ class ConceptWhiteningModule(ClassificationModule):
             raise ValueError(f"unknown cayley option(s) {bad}; known: {list(_CAYLEY_KEYS)}")
         if align_every < 0:
             raise ValueError(f"align_every must be >= 0 (0 disables alignment), got {align_every}")
+        if precise_statistics_batches < 0:
+            raise ValueError(
+                f"precise_statistics_batches must be >= 0 (0 keeps the running averages), got "
+                f"{precise_statistics_batches}"
+            )
         self.concept_names = self.net.concepts
         k, c = len(self.concept_names), self.net.cw_layer.num_features
         for stage in ("val", "test"):
@@ -130,6 +142,7 @@ class ConceptWhiteningModule(ClassificationModule):
         self._negative_drawn: list[int] = [0] * len(self.concept_names or [])
         self._reference: list[nn.Module] = []  # matched BN model, kept out of the module tree
         self._baseline_cache: dict[str, float] | None = None
+        self._statistics_step = -1  # global step of the last population-statistics update
 
     # -- network ----------------------------------------------------------------------------------
     def net_config(self) -> dict[str, Any]:
@@ -575,6 +588,41 @@ class ConceptWhiteningModule(ClassificationModule):
             self.net.cw_layer.rotation_orthogonality_error(),
             sync_dist=True,
         )
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        n = int(self.hparams.precise_statistics_batches)
+        if n <= 0 or self.trainer.sanity_checking or self.trainer.state.fn != "fit":
+            return  # fit only: a plain validate()/test() evaluates the statistics it was given
+        self.update_whitening_statistics(n)
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        n = int(self.hparams.precise_statistics_batches)
+        if n > 0 and self._statistics_step != self.global_step:  # no validation after the last step
+            self.update_whitening_statistics(n)
+
+    def update_whitening_statistics(self, num_batches: int) -> int:
+        """Population statistics of the whitening layers from ``num_batches`` training batches (see
+        ``precise_statistics_batches``); returns the images seen per layer (this rank)."""
+        from interpzoo.models.concept_whitening import precise_whitening_statistics
+
+        loader = self.trainer.datamodule.train_dataloader()  # this rank's shard of the global batches
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(self.current_epoch)
+        count = min(num_batches, len(loader))
+
+        def batches() -> Iterator[torch.Tensor]:
+            for i, batch in enumerate(loader):
+                if i >= count:
+                    break
+                yield batch["image"].to(self.device)
+
+        # the data pipeline's random draws (augmentations) must not shift the training run's random stream
+        with torch.random.fork_rng(devices=[]):
+            seen = precise_whitening_statistics(self.net, batches)
+        self._statistics_step = self.global_step
+        return seen
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()

@@ -42,7 +42,7 @@ from interpzoo.models.lit_base import ClassificationModule
 from interpzoo.models.pipnet import PIPNet, PIPNetOutput
 from interpzoo.utils import did_you_mean
 
-__all__ = ["AUGMENT_OPS", "DEFAULT_LOSS", "PIPNetModule", "augment_views"]
+__all__ = ["AUGMENT_OPS", "DEFAULT_LOSS", "PIPNetModule", "augment_view_pair", "augment_views"]
 
 DEFAULT_LOSS: dict[str, float] = {
     "align": 5.0,
@@ -54,10 +54,15 @@ DEFAULT_LOSS: dict[str, float] = {
 
 #: augmentation op -> (its parameters with defaults, shared by both views?). Shared ops are applied once to the
 #: image before the two views are made (the reference's shared ``transform1``: crop/flip), per-view ops to each
-#: view independently (its ``transform2``). All of them keep a part whole and keep its colour's hue.
+#: view independently (its ``transform2``). All of them keep a part whole and keep its colour's hue. ``shift`` moves
+#: each view by a whole number of latent cells (``[-max_cells, max_cells]`` per axis, reflect padding); the
+#: alignment loss then pairs the patches that show the same content (``offsets`` of
+#: :func:`~interpzoo.layers.pipnet.alignment_loss`), so a prototype that codes a grid position instead of image
+#: content (zero padding tells a cell where it is) no longer aligns across the views.
 AUGMENT_OPS: dict[str, tuple[dict[str, float], bool]] = {
     "hflip": ({"p": 0.5}, True),
     "translate": ({"max_px": 2}, False),
+    "shift": ({"max_cells": 1}, False),
     "brightness": ({"max_delta": 0.1}, False),
     "contrast": ({"max_delta": 0.1}, False),
     "noise": ({"std": 0.02}, False),
@@ -90,54 +95,91 @@ def _check_augment(augment: list[dict[str, Any]] | None) -> list[dict[str, Any]]
                 )
             if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"model.augment[{i}].{k} must be a non-negative number, got {v!r}")
+            if k in ("max_px", "max_cells") and float(v) != int(v):
+                raise ValueError(f"model.augment[{i}].{k} must be a whole number, got {v!r}")
             params[k] = v
         ops.append({"name": name, **params})
     return ops
 
 
-def _apply_op(x: torch.Tensor, op: dict[str, Any]) -> torch.Tensor:
+def _apply_op(x: torch.Tensor, op: dict[str, Any], cell: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One augmentation on a ``(B, C, H, W)`` batch in ``[0, 1]``, random per image (global RNG, so seeded runs
-    repeat)."""
+    repeat). Returns the batch and, for ``shift``, the ``(B, 2)`` ``(dy, dx)`` shift in cells of ``cell`` px
+    (``None`` for the other ops)."""
     b = x.shape[0]
     name = op["name"]
     if name == "hflip":
         flip = torch.rand(b, device=x.device) < float(op["p"])
-        return torch.where(flip[:, None, None, None], x.flip(-1), x)
-    if name == "translate":
-        m = int(op["max_px"])
-        if m == 0:
-            return x
+        return torch.where(flip[:, None, None, None], x.flip(-1), x), None
+    if name in ("translate", "shift"):
         h, w = x.shape[2:]
-        # replicate padding: the shifted-in border looks like the background, never like a part
-        padded = F.pad(x, (m, m, m, m), mode="replicate")
-        shifts = torch.randint(0, 2 * m + 1, (b, 2)).tolist()
-        return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shifts)])
+        unit = 1 if name == "translate" else int(cell)
+        m = int(op["max_px"]) if name == "translate" else int(op["max_cells"])
+        if m == 0:
+            return x, (torch.zeros(b, 2, dtype=torch.long) if name == "shift" else None)
+        pad = m * unit
+        if name == "shift" and pad >= min(h, w):
+            raise ValueError(
+                f"augment shift max_cells={m} moves a {h}x{w} image by up to {pad} px ({unit} px per latent cell): "
+                f"more than the image; use max_cells < {max(1, min(h, w) // unit)}"
+            )
+        # translate: replicate padding (the shifted-in border looks like the background, never like a part);
+        # shift (whole cells, up to a third of the image): reflect padding keeps the background's noise texture
+        padded = F.pad(x, (pad, pad, pad, pad), mode="replicate" if name == "translate" else "reflect")
+        shifts = torch.randint(-m, m + 1, (b, 2))
+        # content moves by +shift (down/right): the output's pixel (y, x) is the input's (y - dy, x - dx)
+        crops = [
+            padded[i, :, pad - dy * unit : pad - dy * unit + h, pad - dx * unit : pad - dx * unit + w]
+            for i, (dy, dx) in enumerate(shifts.tolist())
+        ]
+        return torch.stack(crops), (shifts if name == "shift" else None)
     if name == "brightness":
         # a common gain on all channels: scales intensity, keeps the hue of every colour
         gain = 1.0 + (torch.rand(b, 1, 1, 1, device=x.device) * 2 - 1) * float(op["max_delta"])
-        return (x * gain).clamp(0, 1)
+        return (x * gain).clamp(0, 1), None
     if name == "contrast":
         gain = 1.0 + (torch.rand(b, 1, 1, 1, device=x.device) * 2 - 1) * float(op["max_delta"])
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        return ((x - mean) * gain + mean).clamp(0, 1)
+        return ((x - mean) * gain + mean).clamp(0, 1), None
     if name == "noise":
-        return (x + float(op["std"]) * torch.randn_like(x)).clamp(0, 1)
+        return (x + float(op["std"]) * torch.randn_like(x)).clamp(0, 1), None
     raise ValueError(f"unknown augmentation {name!r}")  # unreachable after _check_augment
 
 
-def augment_views(x: torch.Tensor, ops: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two views ``(B, C, H, W)`` of ``x``: shared ops once, then the per-view ops on each view independently."""
+def augment_view_pair(
+    x: torch.Tensor, ops: list[dict[str, Any]], cell: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Two views ``(B, C, H, W)`` of ``x`` and their cell offsets.
+
+    Shared ops are applied once, then the per-view ops to each view independently (PIP-Net Sec. 3.1: one
+    geometric transform for both views, then per-view ones). ``cell``: the latent stride in pixels (``shift``
+    moves by whole cells). The offsets ``(B, 2)`` give, for each image, where view 1's content lies in view 2 in
+    cells (``alignment_loss(..., offsets=...)``): view 2's total shift minus view 1's; ``None`` when no op of
+    the list shifts by cells.
+    """
     for op in ops:
         if AUGMENT_OPS[op["name"]][1]:
-            x = _apply_op(x, op)
-    views = []
+            x, _ = _apply_op(x, op, cell)
+    views, totals = [], []
     for _ in range(2):
-        v = x
+        v, total = x, None
         for op in ops:
             if not AUGMENT_OPS[op["name"]][1]:
-                v = _apply_op(v, op)
+                v, shift = _apply_op(v, op, cell)
+                if shift is not None:
+                    total = shift if total is None else total + shift
         views.append(v)
-    return views[0], views[1]
+        totals.append(total)
+    offsets = None if totals[0] is None else (totals[1] - totals[0]).to(x.device)
+    return views[0], views[1], offsets
+
+
+def augment_views(
+    x: torch.Tensor, ops: list[dict[str, Any]], cell: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two views ``(B, C, H, W)`` of ``x``: shared ops once, then the per-view ops on each view independently."""
+    v1, v2, _ = augment_view_pair(x, ops, cell)
+    return v1, v2
 
 
 class PIPNetModule(ClassificationModule):
@@ -226,14 +268,16 @@ class PIPNetModule(ClassificationModule):
         return {"align": c["align"], "tanh": c["tanh"], "class": c["class"]}
 
     # -- losses ------------------------------------------------------------------------------------
-    def two_view_losses(self, out: PIPNetOutput, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def two_view_losses(
+        self, out: PIPNetOutput, y: torch.Tensor, offsets: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Weighted ``{align, tanh[, class]}`` of a forward pass over ``cat([view1, view2])`` (labels ``y``: one
-        per image, ``(B,)``)."""
+        per image, ``(B,)``; ``offsets``: the views' cell offsets ``(B, 2)`` of :func:`augment_view_pair`)."""
         w = self.loss_weights()
         m1, m2 = out.prototype_maps.chunk(2)
         p1, p2 = out.presence_raw.chunk(2)
         losses = {
-            "align": w["align"] * alignment_loss(m1, m2),
+            "align": w["align"] * alignment_loss(m1, m2, offsets=offsets),
             "tanh": w["tanh"] * 0.5 * (tanh_loss(p1) + tanh_loss(p2)),
         }
         if w["class"] > 0:
@@ -248,9 +292,9 @@ class PIPNetModule(ClassificationModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x, y = batch["image"], batch["label"]
-        v1, v2 = augment_views(x, self.augment_ops)
+        v1, v2, offsets = augment_view_pair(x, self.augment_ops, int(self.net.backbone.stride))
         out = self(torch.cat([v1, v2]))
-        losses = self.two_view_losses(out, y)
+        losses = self.two_view_losses(out, y, offsets)
         loss = torch.stack(list(losses.values())).sum()
         self.check_finite_loss(loss, losses, batch)
         if self.trainer.world_size > 1 and "class" not in losses:

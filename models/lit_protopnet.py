@@ -48,9 +48,8 @@ from torch import nn
 
 from interpzoo.layers.protopnet import (
     avg_separation_cost,
-    cluster_cost,
+    cluster_separation_costs,
     l1_off_class,
-    separation_cost,
     squared_l2_distances,
 )
 from interpzoo.metrics.calibration import normalised_score
@@ -388,10 +387,12 @@ class ProtoPNetModule(ClassificationModule):
         """Paper Eq. (1) + the last-layer L1 (reference coefficients), each term weighted."""
         c, net, y = self.loss_cfg, self.net, batch["label"]
         ident, active = net.prototype_class_identity, net.prototype_mask
+        # Clst and Sep (Chen et al. 2019, Eq. (1)) share one own-class mask and make no host sync
+        clst, sep = cluster_separation_costs(out.min_distances, y, ident, active)
         return {
             "ce": c["ce"] * F.cross_entropy(out.logits, y),
-            "cluster": c["clst"] * cluster_cost(out.min_distances, y, ident, active),
-            "separation": c["sep"] * separation_cost(out.min_distances, y, ident, active),
+            "cluster": c["clst"] * clst,
+            "separation": c["sep"] * sep,
             "l1": c["l1"] * l1_off_class(net.last_layer.weight * active, ident),
         }
 

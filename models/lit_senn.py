@@ -215,7 +215,7 @@ class SENNModule(ClassificationModule):
             if create_graph:
 
                 def forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-                    o = self.net(z)
+                    o = self.net(z, concept_input_grad=self.hparams.penalty_target != "logits")
                     return o.concepts, o.relevances, o.logits
 
                 return subbatch_robustness_loss(forward, x, self.hparams.penalty_subbatch, **kwargs)
@@ -239,10 +239,32 @@ class SENNModule(ClassificationModule):
             losses["robustness"] = self.hparams.robustness_lambda * penalty
         return losses
 
+    def forward(self, x: torch.Tensor) -> SENNOutput:
+        if x.requires_grad and self._concepts_constant_in_penalty():
+            # The exact stopgrad penalty on the logits never differentiates h w.r.t. x: by the product
+            # rule grad_x f_c - theta_c^T J_x h = sum_i h_i grad_x theta_ic (Alvarez-Melis & Jaakkola 2018,
+            # Sec. 3; layers.senn.robustness_residual), so J_x h drops out. The conceptizer runs on a
+            # detached input: same values and parameter gradients, no conceptizer input gradient.
+            if self.hparams.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self.net(x, concept_input_grad=False)
+        return super().forward(x)
+
+    def _concepts_constant_in_penalty(self) -> bool:
+        """Whether the trained penalty is the exact ``stopgrad`` one on the logits (no ``J_x h`` needed)."""
+        hp = self.hparams
+        return (
+            self.training
+            and hp.robustness_lambda > 0
+            and hp.penalty_method == "stopgrad"
+            and hp.penalty_target == "logits"
+        )
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if self.hparams.robustness_lambda > 0:
+        # A fresh leaf: the penalty differentiates w.r.t. the input. The sub-batch estimate makes its own
+        # leaf of the drawn samples, so there the full batch is left out of the input-gradient graph.
+        if self.hparams.robustness_lambda > 0 and self.hparams.penalty_method != "subbatch":
             key = "image" if "image" in batch else "features"
-            # A fresh leaf: the penalty differentiates w.r.t. the input.
             batch = {**batch, key: batch[key].detach().clone().requires_grad_(True)}
         return self._step(batch, "train")
 

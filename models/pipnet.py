@@ -45,6 +45,7 @@ from interpzoo.models.trunk import TrunkNet
 __all__ = ["PIPNet", "PIPNetBatchExplanation", "PIPNetExplanation", "PIPNetOutput", "resolve_feature_stage"]
 
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+_PADDING_MODES = ("zeros", "reflect", "replicate")
 
 
 @dataclass
@@ -103,6 +104,10 @@ class PIPNet(TrunkNet):
         multiplier: ``m`` of the class-loss logits ``log(o^m + 1)`` (the paper: 2).
         presence_threshold: in eval mode, presence below this counts as 0 (the reference: 0.1 at inference).
         image_size: ``[H, W]`` of the training images (recorded for explanations; filled from the data).
+        padding_mode: padding of the trunk's convolutions: ``"zeros"`` (as built), ``"reflect"`` or
+            ``"replicate"``. Zero padding tells a cell how far it is from the border, which lets a prototype
+            code a grid position rather than image content; the other two do not add that signal. The
+            weights are the same, so a warm start from a zero-padded model loads unchanged.
 
     Shape:
         ``(B, C_in, H, W)`` in ``[0, 1]`` to :class:`PIPNetOutput`.
@@ -121,7 +126,13 @@ class PIPNet(TrunkNet):
         multiplier: float = 2.0,
         presence_threshold: float = 0.1,
         image_size: Sequence[int] | None = None,
+        padding_mode: str = "zeros",
     ) -> None:
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(
+                f"padding_mode={padding_mode!r} is not a padding of the trunk's convolutions; choose one of "
+                f"{list(_PADDING_MODES)}"
+            )
         if not 0.0 <= float(presence_threshold) < 1.0:
             raise ValueError(
                 f"presence_threshold must be in [0, 1) (presence scores lie in [0, 1]; the paper uses 0.1), "
@@ -142,6 +153,12 @@ class PIPNet(TrunkNet):
                 ) from None
             raise
         self.image_size = None if image_size is None else [int(v) for v in image_size]
+        self.padding_mode = str(padding_mode)
+        if self.padding_mode != "zeros":
+            for m in self.backbone.modules():
+                # Conv2d pads with F.pad(mode=padding_mode) when it is not "zeros" (same weights, same shapes)
+                if isinstance(m, torch.nn.Conv2d) and any(int(p) > 0 for p in m.padding):
+                    m.padding_mode = self.padding_mode
         d = int(num_prototypes) if num_prototypes is not None else int(self.backbone.out_channels)
         self.prototypes = PatchPrototypes(self.backbone.out_channels, d)
         self.classifier = NonNegLinear(d, self.num_classes, bias=bias, multiplier=multiplier)

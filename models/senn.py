@@ -285,10 +285,21 @@ class SENN(nn.Module):
             )
         check_image_input(x, self.in_chans)
 
-    def forward(self, x: torch.Tensor) -> SENNOutput:
+    def forward(self, x: torch.Tensor, concept_input_grad: bool = True) -> SENNOutput:
+        """Logits, concepts and relevances of ``x`` ``(B, C_in, H, W)`` or ``(B, F)``.
+
+        ``concept_input_grad=False`` runs the conceptizer on the input detached from the autograd
+        graph: same values and the same gradients w.r.t. every parameter, but no path from the
+        concepts back to ``x``. That is all the ``stopgrad`` form of the robustness loss on the
+        logits, ``|| grad_x f(x) - theta(x)^T J_x h(x) ||`` (Alvarez-Melis & Jaakkola 2018, Sec. 3),
+        needs: it uses ``h(x)`` only as the vector of its vector-Jacobian products (see
+        :func:`layers.senn.robustness_residual`), and this spares the backward pass the
+        conceptizer's gradient w.r.t. ``x``. Leave it ``True`` for ``log_probs``, the ``jacobian`` method or any
+        other use of ``J_x h``.
+        """
         self.check_input(x)
         z = self.normalize(x)
-        concepts, recon = self.conceptizer(z)
+        concepts, recon = self.conceptizer(z if concept_input_grad else z.detach())
         theta = self.parametrizer(z)
         if self.single_logit_binary:
             theta = torch.cat([-0.5 * theta, 0.5 * theta], dim=2)

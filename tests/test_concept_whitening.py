@@ -7,6 +7,7 @@ finite differences (gradcheck), brute-force loops, or the single-process result 
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -93,12 +94,19 @@ def test_t_trap_diverges_and_guard_catches_it() -> None:
     x = _features(d, 10.0, m=d * 40)
     p = _pixels(x).float()
     sigma = torch.cov(p, correction=0) + 1e-5 * torch.eye(d)
-    w20 = iternorm_whitening_matrix(sigma, T=20, guard=None)  # the reference behaviour
+    w20 = iternorm_whitening_matrix(sigma, T=20, guard=None, solver="iteration")  # the reference behaviour
     assert not torch.isfinite(w20).all() or (w20 @ sigma @ w20 - torch.eye(d)).abs().max() > 1.0
     with pytest.raises(WhiteningDivergedError, match="T=20"):
-        ConceptWhitening2d(d, T=20, guard="raise").train()(x)
+        ConceptWhitening2d(d, T=20, guard="raise", solver="iteration").train()(x)
     with pytest.warns(UserWarning, match="diverged"):
-        z = ConceptWhitening2d(d, T=20).train()(x)
+        z = ConceptWhitening2d(d, T=20, solver="iteration").train()(x)
+    assert (_cov(z) - torch.eye(d, dtype=torch.float64)).abs().max() < 1e-3
+    # The eigh route evaluates the same polynomial exactly: no T trap, nothing to guard.
+    w20 = iternorm_whitening_matrix(sigma, T=20, guard="raise", solver="eigh")
+    assert (w20 @ sigma @ w20 - torch.eye(d)).abs().max() < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z = ConceptWhitening2d(d, T=20, guard="raise", solver="eigh").train()(x)
     assert (_cov(z) - torch.eye(d, dtype=torch.float64)).abs().max() < 1e-3
 
 

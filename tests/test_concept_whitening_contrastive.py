@@ -384,3 +384,94 @@ def test_train_with_contrastive_alignment_end_to_end(make_cfg, tmp_path) -> None
     assert float((rot.T @ rot - torch.eye(rot.shape[0], dtype=torch.float64)).norm()) < 1e-5
     assert float((rot - torch.eye(rot.shape[0], dtype=torch.float64)).abs().max()) > 1e-4  # it was updated
     assert metrics["test/rotation_orthogonality_error"] < 1e-5
+
+
+# -- exact whitening makes the contrastive axis Fisher's discriminant ---------------------------------------
+def _fisher_setting(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mix (C, C), d (C,), eigenvalues (C,))``: features ``x = mix @ e`` (``e`` standard normal) have
+    covariance ``mix mix^T`` with eigenvalues spread over 6 decades (as on a trained layer, where IterNorm's
+    ``T=10`` under-whitens the small ones); the concept adds ``d``, which has equal weight on every eigenvector,
+    so Fisher's direction ``Sigma^{-1} d`` is dominated by the small-eigenvalue directions."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(C, C, generator=g, dtype=torch.float64))
+    lam = torch.logspace(2, -4, C, dtype=torch.float64)
+    return q * lam.sqrt(), q.sum(1) * 0.05, lam
+
+
+def _contrastive_axis(T: int, solver: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(w (C,), pos (N, C), neg (N, C))``: the input-space direction ``W^T R[0]`` of a single contrastive
+    ``mean`` axis (its score is ``w . (x - mu)``), and the paired held-out features with / without the concept."""
+    mix, d, _ = _fisher_setting(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def feats(n: int) -> torch.Tensor:
+        """``(n, C, 2, 2)``: pixels drawn independently, so the pixel covariance is ``Sigma``."""
+        e = torch.randn(n, C, 2, 2, generator=g, dtype=torch.float64)
+        return torch.einsum("dc,nchw->ndhw", mix, e)
+
+    cw = ConceptWhitening2d(
+        C, eps=1e-12, T=T, solver=solver, momentum=1.0, activation_mode="mean", alignment="contrastive"
+    )
+    cw = cw.double().train()
+    cw(feats(4096))  # momentum 1: the running mean / W are this large batch's
+    cw.eval()
+    for _ in range(40):
+        x = feats(256)
+        with cw.concept_mode(0):
+            cw(x + d[None, :, None, None])
+        with cw.concept_mode(0, negative=True):  # paired negatives: the same images without the concept
+            cw(x)
+        cw.update_rotation_matrix()
+    w = cw.running_wm.T @ cw.running_rot.double()[0]
+    x = feats(2000).mean((2, 3))
+    return w, x + d, x
+
+
+def test_exact_whitening_makes_the_contrastive_mean_axis_fishers_direction() -> None:
+    """With ``W = Sigma^{-1/2}`` the contrastive ``mean`` axis ``R[0] ∝ W (mu^+ - mu^-)`` reads the input along
+    ``W^T R[0] ∝ Sigma^{-1} (mu^+ - mu^-)``: Fisher's linear discriminant (LDA). Checked against an independent
+    LDA fit (scikit-learn, on the held-out features) and the closed form; IterNorm's ``T=10`` polynomial
+    under-whitens the small-eigenvalue directions (``p_10(lambda) <= 1.5^10 / sqrt(tr)`` while
+    ``lambda^{-1/2}`` is up to ~1e4 here), so its axis is not Fisher's and separates the classes worse."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    mix, d, _ = _fisher_setting(0)
+    fisher = torch.linalg.solve(mix @ mix.T, d)  # closed form Sigma^{-1} d
+    w40, pos, neg = _contrastive_axis(40, "eigh")
+    w10, _, _ = _contrastive_axis(10, "eigh")
+    lda = LinearDiscriminantAnalysis(solver="lsqr").fit(
+        torch.cat([pos, neg]).numpy(), [1] * len(pos) + [0] * len(neg)
+    )
+    w_lda = torch.from_numpy(lda.coef_[0])
+
+    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(F.cosine_similarity(a, b, dim=0))
+
+    def separation(w: torch.Tensor) -> float:  # Fisher's criterion (mean gap / pooled sd) of the projection
+        a, b = pos @ w, neg @ w
+        return float((a.mean() - b.mean()) / (0.5 * (a.var() + b.var())).sqrt())
+
+    assert cos(w40, fisher) > 0.999, cos(w40, fisher)  # measured 1.000
+    assert cos(w40, w_lda) > 0.99, cos(w40, w_lda)  # sample LDA: estimation noise only
+    assert cos(w10, fisher) < 0.8, cos(w10, fisher)  # measured 0.59: the under-whitened axis is another one
+    # measured 12.5 against 2.8: Fisher's direction maximises this criterion, the T=10 axis is far from it
+    assert separation(w40) > 2.0 * separation(w10), (separation(w40), separation(w10))
+
+
+def test_iternorm_polynomial_reaches_the_inverse_square_root_only_with_more_iterations() -> None:
+    """The reason for the test above, on the layer's own ``running_wm``: ``W Sigma W = I`` with ``T=40`` (eigh),
+    not with ``T=10`` (eigenvalues of ``W Sigma W`` as low as ``(1.5^10)^2 lambda_min / tr``)."""
+    mix, _, _ = _fisher_setting(0)
+    sigma = mix @ mix.T
+    for T, lo, hi in ((40, 0.999, 1.001), (10, 0.0, 0.5)):
+        cw = ConceptWhitening2d(C, eps=1e-12, T=T, solver="eigh", momentum=1.0).double().train()
+        g = torch.Generator().manual_seed(1)
+        e = torch.randn(4096, C, 2, 2, generator=g, dtype=torch.float64)
+        x = torch.einsum("dc,nchw->ndhw", mix, e)
+        cw(x)
+        flat = (x - x.mean((0, 2, 3), keepdim=True)).permute(1, 0, 2, 3).reshape(C, -1)
+        batch_sigma = flat @ flat.T / flat.shape[1]
+        ev = torch.linalg.eigvalsh(cw.running_wm @ batch_sigma @ cw.running_wm)
+        assert lo <= float(ev.min()) <= hi, (T, ev.min())
+        assert float(ev.max()) < 1.0 + 1e-6, (T, ev.max())
+    assert float(torch.linalg.cond(sigma)) > 1e5  # the spread that makes T=10 fall short

@@ -354,6 +354,7 @@ def test_two_process_ddp_sync_keeps_ranks_identical(make_cfg, tmp_path: Path) ->
             "+trainer.limit_val_batches=1",
             "model.align_every=2",
             "model.concept_eval_samples=16",
+            "model.precise_statistics_batches=2",  # population moments summed over ranks
             "logger=none",
             "test=false",
             "export=false",
@@ -373,3 +374,18 @@ def test_two_process_ddp_sync_keeps_ranks_identical(make_cfg, tmp_path: Path) ->
     for key in ("running_rot", "running_wm", "running_mean", "sum_G"):
         assert ranks[key] == 0.0, key
     assert "val/concept_auc_mean" in metrics
+
+
+def test_output_whitened_is_the_layer_output_not_its_rectified_version() -> None:
+    """torchvision's BasicBlock applies an in-place ReLU right after bn1: the network's ``whitened`` output (and
+    the metrics and explanations read from it) must be the whitening layer's output, negative values included."""
+    from interpzoo.models.concept_whitening import forward_until
+
+    torch.manual_seed(0)
+    net = create_model("cw_resnet18s", num_classes=3, concepts=CONCEPTS).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        out = net(x)
+        direct = forward_until(net, net.cw_layer, x, capture="output")
+    assert (direct < 0).any()
+    assert torch.equal(out.whitened, direct)

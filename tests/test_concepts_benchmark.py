@@ -95,3 +95,52 @@ def test_quick_run_writes_consistent_rows(tmp_path: Path) -> None:
     text = out.read_text()
     check_results(text)
     assert "--quick" in text and "Seed 0" in text
+
+
+def _benchmark_module():
+    """``benchmarks/concepts.py`` as a module (``benchmarks/`` is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("concepts_benchmark", ROOT / "benchmarks" / "concepts.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_results(rng, contrastive_auc: float) -> dict:
+    """Per-method results as ``main`` returns them, random shares (CW rows with whitening checks)."""
+    res: dict = {"BN": {"acc": 0.99, "seconds": 1.0}}
+    for name in METHODS[1:]:
+        res[name] = {"auc": list(rng.uniform(0.5, 1.0, 3)), "intervention": list(rng.uniform(0.5, 1.0, 3))}
+        res[name]["acc"] = 0.99 if name.startswith("BN") else 0.985
+    for name in ("paper CW", "contrastive CW"):
+        res[name].update(orth=1e-7, cov_diag=0.9, cov_offdiag=0.01, cov_err=0.1, cov_near_one=0.95)
+        res[name].update(cov_eig_min=0.01, cov_eig_max=1.2, seconds=3.0)
+    res["contrastive CW"]["auc"] = [contrastive_auc] * 3
+    res["contrastive CW"]["intervention"] = [0.95] * 3
+    res["CBM"].update(auc_all=0.97, curve=[("test/intervention/random_n000", 0.9)], true_concept_acc=1.0)
+    res["CBM"].update(n_concepts=66, seconds=2.0)
+    return res
+
+
+@pytest.mark.parametrize("auc", [0.9, 0.8])
+def test_report_verdict_and_skipped_rows(auc: float) -> None:
+    """The report's "met" verdict follows the thresholds (re-derived by :func:`check_results`), the T / solver
+    setting is printed, and ``--skip`` leaves exactly the skipped rows (and the CBM line) out."""
+    import numpy as np
+
+    mod = _benchmark_module()
+    args = mod._args(["--T", "40", "--solver", "eigh"])
+    results = _fake_results(np.random.default_rng(0), auc)
+    text = mod.report(args, results, 1.0, ["--T", "40", "--solver", "eigh"])
+    check_results(text)
+    assert ("**met**" in text) == (auc >= 0.85) and "T=40 (solver `eigh`)" in text
+    del results["CBM"], results["paper CW"]
+    text = mod.report(args, results, 1.0, [])
+    assert set(_table(text)) == {"BN", "contrastive CW", "BN best filter", "BN linear probe (CAV)"}
+    assert "CBM:" not in text and "| paper CW |" not in text
+    with pytest.raises(SystemExit):
+        mod._args(["--T", "0"])
+    with pytest.raises(SystemExit):
+        mod._args(["--skip", "everything"])

@@ -29,7 +29,7 @@ from interpzoo.metrics.pipnet import (
     sparsity_ratio,
 )
 from interpzoo.models import create_model
-from interpzoo.models.lit_pipnet import PIPNetModule, augment_views
+from interpzoo.models.lit_pipnet import PIPNetModule, augment_view_pair, augment_views
 from interpzoo.models.pipnet import PIPNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,55 @@ def test_alignment_loss_matches_a_loop_over_patches() -> None:
     # identical one-hot assignments: perfectly aligned, loss 0
     onehot = torch.nn.functional.one_hot(torch.randint(0, 5, (2, 3, 3)), 5).permute(0, 3, 1, 2).double()
     assert float(alignment_loss(onehot, onehot.clone())) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_alignment_loss_with_offsets_matches_a_loop_over_corresponding_patches() -> None:
+    z1, z2 = _softmax_maps(3, 5, 4, 3, 4), _softmax_maps(3, 5, 4, 3, 5)
+    offsets = torch.tensor([[0, 0], [1, -2], [-3, 2]])
+    eps = 1e-12
+    # view 1's patch (h, w) is paired with view 2's (h + dy, w + dx) when that lies inside the 4x3 grid
+    total, n = 0.0, 0
+    for b in range(3):
+        dy, dx = offsets[b].tolist()
+        for h in range(4):
+            for w in range(3):
+                if 0 <= h + dy < 4 and 0 <= w + dx < 3:
+                    dot = sum(float(z1[b, d, h, w]) * float(z2[b, d, h + dy, w + dx]) for d in range(5))
+                    total += -math.log(dot + eps)
+                    n += 1
+    assert n == 12 + 3 + 1  # all 12; 3 rows x 1 col; 1 row x 1 col
+    assert float(alignment_loss(z1, z2, eps, offsets=offsets)) == pytest.approx(total / n, rel=1e-10)
+    # zero offsets are the plain loss
+    zero = torch.zeros(3, 2, dtype=torch.long)
+    assert float(alignment_loss(z1, z2, offsets=zero)) == pytest.approx(
+        float(alignment_loss(z1, z2)), rel=1e-12
+    )
+    with pytest.raises(ValueError, match="no corresponding patches"):
+        alignment_loss(z1, z2, offsets=torch.tensor([[4, 0]] * 3))
+    with pytest.raises(ValueError, match="offsets must be"):
+        alignment_loss(z1, z2, offsets=torch.zeros(2, 2))
+
+
+def test_cell_shifted_views_line_up_under_their_offsets() -> None:
+    # an image whose every 4x4 cell has its own colour: the cell "prototype" (a one-hot of the cell's colour,
+    # read by average pooling) is known exactly, so the content-paired alignment must be 0, while pairing
+    # the same grid positions (no offsets) must not be
+    torch.manual_seed(0)
+    ids = torch.arange(64).view(1, 1, 8, 8).float()
+    x = torch.nn.functional.interpolate(ids, scale_factor=4, mode="nearest").expand(6, 3, 32, 32) / 63.0
+    v1, v2, offsets = augment_view_pair(x.clone(), [{"name": "shift", "max_cells": 2}], cell=4)
+    assert offsets is not None and offsets.shape == (6, 2) and int(offsets.abs().max()) <= 4
+    assert bool((offsets != 0).any())
+
+    def cell_onehot(v: torch.Tensor) -> torch.Tensor:
+        # (B, 64, 8, 8): each cell's id as a one-hot; shifted-in (reflected) cells repeat some id, but their
+        # partners lie outside the grid, so they are never paired
+        cell = torch.nn.functional.avg_pool2d(v[:, 0] * 63.0, 4).round().long()  # (B, 8, 8)
+        return torch.nn.functional.one_hot(cell, 64).permute(0, 3, 1, 2).double()
+
+    z1, z2 = cell_onehot(v1), cell_onehot(v2)
+    assert float(alignment_loss(z1, z2, offsets=offsets)) == pytest.approx(0.0, abs=1e-9)
+    assert float(alignment_loss(z1, z2)) > 1.0
 
 
 def test_alignment_loss_gradient_stops_at_the_other_view() -> None:
@@ -283,6 +332,31 @@ def test_bad_network_settings_are_named() -> None:
         create_model("pipnet", num_classes=3, backbone=SMALL, presence_threshold=1.5)
     with pytest.raises(ValueError, match="model.net.feature_stage"):
         create_model("pipnet", num_classes=3, backbone=SMALL, feature_stage="layer9")
+    with pytest.raises(ValueError, match="padding_mode='circ' is not a padding"):
+        create_model("pipnet", num_classes=3, backbone=SMALL, padding_mode="circ")
+    with pytest.raises(ValueError, match="max_cells must be a whole number"):
+        PIPNetModule(
+            net={"name": "pipnet", "backbone": SMALL},
+            data_info={"num_classes": 3},
+            augment=[{"name": "shift", "max_cells": 1.5}],
+        )
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+def test_border_free_padding_gives_a_constant_image_constant_features(mode: str) -> None:
+    # a uniform image carries no position: with reflect/replicate padding every conv sees a uniform input, so
+    # every latent cell is the same vector (eval-mode BN and ReLU are per channel); zero padding marks the border
+    zeros, other = _small_net(), _small_net(padding_mode=mode)
+    other.load_state_dict(zeros.state_dict())  # same weights: only the padding differs
+    zeros.eval(), other.eval()
+    x = torch.full((2, 3, 32, 32), 0.7)
+    with torch.no_grad():
+        f_zero, f_other = zeros.features(x), other.features(x)
+    spread = lambda f: float((f - f[:, :, :1, :1]).abs().max())  # noqa: E731
+    assert spread(f_other) < 1e-5
+    assert spread(f_zero) > 1e-3
+    convs = [m for m in other.backbone.modules() if isinstance(m, torch.nn.Conv2d) and max(m.padding) > 0]
+    assert convs and all(m.padding_mode == mode for m in convs)
 
 
 def _run_train(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -313,3 +387,27 @@ def test_train_py_bad_value_is_one_clear_error(tmp_path: Path) -> None:
     out = proc.stdout + proc.stderr
     assert "error:" in out and "pretrain_epochs must be an integer >= 0" in out
     assert "Traceback" not in out
+
+
+def test_partscale_recipe_composes_to_a_warm_started_sparse_layer3_pipnet(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from interpzoo.api import compose_config
+    from interpzoo.models.backbones import PretrainedWeightsError
+
+    cfg = compose_config(
+        ["experiment=pipnet_partscale", "model.net.backbone.pretrained=/some/bundle"], tmp_path
+    )
+    assert cfg.model.net.name == "pipnet" and cfg.data.pose == "varied"
+    assert (cfg.model.net.feature_stage, cfg.model.net.backbone.pretrained) == ("layer3", "/some/bundle")
+    # the black box it warm-starts from has the same trunk (experiment=baseline_partshapes)
+    bb = compose_config(["experiment=baseline_partshapes"], tmp_path)
+    assert (bb.model.net.backbone.name, bb.model.net.backbone.width) == (
+        cfg.model.net.backbone.name,
+        cfg.model.net.backbone.width,
+    )
+    assert cfg.model.weight_decrement > 1e-3 and cfg.trainer.max_epochs > cfg.model.pretrain_epochs
+    # without a black box the run stops with the fix instead of silently training from scratch
+    bare = compose_config(["experiment=pipnet_partscale"], tmp_path)
+    with pytest.raises(PretrainedWeightsError, match=r"backbone\.pretrained=<path>"):
+        create_model("pipnet", num_classes=10, backbone=OmegaConf.to_container(bare.model.net.backbone))

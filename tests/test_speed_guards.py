@@ -113,10 +113,16 @@ def test_guard_fires_once_with_the_layer_name_on_a_diverging_iteration() -> None
     sigma = xc @ xc.T / xc.shape[1] + 1e-5 * torch.eye(d, dtype=torch.float64)
     # T = 20 makes the uncoupled iteration diverge (the "T trap", see iternorm_whitening_matrix):
     # eigenvalues of P Sigma_N P leave [0, 1]
-    p20 = iternorm_whitening_matrix(sigma.float(), T=20, guard=None) * sigma.float().diagonal().sum().sqrt()
+    p20 = (
+        iternorm_whitening_matrix(sigma.float(), T=20, guard=None, solver="iteration")
+        * sigma.float().diagonal().sum().sqrt()
+    )
     sn = (sigma / sigma.diagonal().sum()).float()
     assert not bool(whitening_in_bounds(p20, sn))
-    net = nn.Sequential(OrderedDict(conv=nn.Identity(), whiten=ConceptWhitening2d(d, T=20)))
+    # the guard watches the unrolled iteration (the GPU route; solver="iteration" forces it on the CPU)
+    net = nn.Sequential(
+        OrderedDict(conv=nn.Identity(), whiten=ConceptWhitening2d(d, T=20, solver="iteration"))
+    )
     net.train()
     with pytest.warns(UserWarning) as record:
         z = net(x)
@@ -128,6 +134,72 @@ def test_guard_fires_once_with_the_layer_name_on_a_diverging_iteration() -> None
     assert net.whiten.fallback_count == 2
     cov = torch.cov(_pixels(z).double(), correction=0)
     assert (cov - torch.eye(d, dtype=torch.float64)).abs().max() < 1e-3  # the fallback whitens
+
+
+# -- the eigh route: the same polynomial, exact ----------------------------------------------------------
+def _iteration_float64(s_n: torch.Tensor, T: int) -> torch.Tensor:
+    """``P_T`` by the plain unrolled products in float64 (independent of the layer's code)."""
+    eye = torch.eye(s_n.shape[0], dtype=torch.float64)
+    p = eye.clone()
+    for _ in range(T):
+        p = 1.5 * p - 0.5 * p @ p @ p @ s_n
+    return p
+
+
+@pytest.mark.parametrize("cond", [10.0, 1e3, 1e5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eigh_route_matches_the_float64_iteration(cond: float, dtype: torch.dtype) -> None:
+    """``solver="eigh"`` (one eigendecomposition) equals the unrolled iteration in float64 to 1e-5 (relative),
+    in value and gradient; the float32 unrolled iteration is no closer (its own rounding)."""
+    from interpzoo.layers.concept_whitening import _guarded_ns, _ns
+
+    g = torch.Generator().manual_seed(int(cond))
+    d = 64
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    sigma = q @ torch.diag(torch.logspace(0, math.log10(cond), d, dtype=torch.float64)) @ q.T
+    s_n64 = sigma / sigma.diagonal().sum()
+    exact = _iteration_float64(s_n64, 10)
+    s = s_n64.to(dtype).clone().requires_grad_()
+    p, iters, msg = _guarded_ns(s, 10, "raise", solver="eigh")
+    assert iters == 10 and msg is None and p.dtype == dtype
+    scale = float(exact.abs().max())
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert float((p.detach().double() - exact).abs().max()) < tol * scale
+    unrolled32 = _ns(s_n64.float(), 10).double()
+    assert float((p.detach().double() - exact).abs().max()) <= max(
+        float((unrolled32 - exact).abs().max()), 1e-12 * scale
+    )
+    # gradient: autograd through the float64 loop
+    upstream = torch.randn(d, d, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((p.double() * upstream).sum(), s)
+    s64 = s_n64.clone().requires_grad_()
+    (ref,) = torch.autograd.grad((_iteration_float64(s64, 10) * upstream).sum(), s64)
+    sym = lambda a: 0.5 * (a + a.T)  # noqa: E731 - only symmetric perturbations reach a covariance
+    gtol = 1e-4 if dtype == torch.float32 else 1e-9
+    assert torch.allclose(sym(grad.double()), sym(ref), atol=gtol * float(ref.abs().max()))
+
+
+def test_solver_auto_is_eigh_on_cpu_and_layers_agree() -> None:
+    """The layer's three solvers give the same output, input gradient and running W (float64)."""
+    torch.manual_seed(3)
+    x = (
+        torch.randn(8, 12, 5, 5, dtype=torch.float64)
+        * torch.linspace(0.5, 3, 12, dtype=torch.float64)[:, None, None]
+    )
+    outs = []
+    for solver in ("auto", "eigh", "iteration"):
+        cw = ConceptWhitening2d(12, dtype=torch.float64, rot_dtype="float64", solver=solver).train()
+        cw.running_rot.copy_(_random_rotation(12, 1))
+        xi = x.clone().requires_grad_()
+        z = cw(xi)
+        (z * torch.linspace(-1, 1, z.numel(), dtype=torch.float64).view_as(z)).sum().backward()
+        outs.append((z.detach(), xi.grad, cw.running_wm.clone()))
+        assert cw.config()["solver"] == solver
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other, strict=True):
+            assert torch.allclose(a, b, atol=1e-9)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        ConceptWhitening2d(4, solver="exact")
 
 
 # -- exact backward of the iteration -----------------------------------------------------------------

@@ -41,6 +41,8 @@ HEADLINE_KEYS = {
         ("icnn", "test/location_instability"),
         ("senn", "test/faithfulness"),
         ("soft_autoencoder", "test/code_sparsity"),
+        ("cbm", "test/concept_auc_mean"),
+        ("pipnet", "test/explanation_size"),
     )
 }
 
@@ -54,11 +56,12 @@ def test_zoo_is_shipped_and_listed() -> None:
     assert list_pretrained() == SHIPPED
     assert set(SHIPPED) == set(RECIPES), "every recipe in benchmarks/make_zoo.py has exactly one bundle"
     methods = {n.split(".")[0].split("_")[0] for n in SHIPPED}
-    assert methods >= {"protopnet", "cw", "icnn", "senn", "softae"}
-    for method in ("protopnet", "cw"):
+    assert methods >= {"protopnet", "cw", "icnn", "senn", "softae", "cbm", "pipnet"}
+    for method in ("protopnet", "cw", "cbm", "pipnet"):
         assert len([n for n in SHIPPED if n.startswith(method + "_")]) >= 3, f"{method} ships three seeds"
+    # ~0.5 MB per narrow-trunk bundle: 17 bundles of 8 methods fit in 10 MB of the repository
     total = sum(f.stat().st_size for d in PRETRAINED_DIR.iterdir() if d.is_dir() for f in d.iterdir())
-    assert total < 8 * 1024 * 1024, f"the zoo is {total / 2**20:.1f} MB; keep it under 8 MB"
+    assert total < 10 * 1024 * 1024, f"the zoo is {total / 2**20:.1f} MB; keep it under 10 MB"
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -104,7 +107,9 @@ def test_bundle_loads_without_pickle(name: str, monkeypatch: pytest.MonkeyPatch)
     for a, b, c in zip(
         net.state_dict().values(), again.state_dict().values(), path_net.state_dict().values()
     ):
-        assert torch.equal(a, b) and torch.equal(a, c)
+        # bit-equal; NaN buffers (e.g. CBM's unset logit percentiles) equal NaN
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(a, c, rtol=0, atol=0, equal_nan=True)
     # one forward pass on an input of the recorded shape gives finite outputs
     if data.get("image_size"):
         size = data["image_size"]

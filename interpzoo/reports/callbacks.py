@@ -72,7 +72,7 @@ class IntrinsicDimension(pl.Callback):
                 t = out if isinstance(out, torch.Tensor) else getattr(out, "features", out[0])
                 if self.pool == "avg" and t.dim() == 4:
                     t = t.mean(dim=(2, 3))
-                feats[name].append(t.flatten(1).float().cpu())
+                feats[name].append(t.flatten(1).float().cpu().clone())  # an in-place ReLU may follow
 
             hooks.append(module.register_forward_hook(hook))
         was_training = pl_module.training

@@ -67,7 +67,9 @@ def layer_maps(net: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
     if getattr(net, "assignments", None) is not None:
         return net(x).part_features[layer].float()
     seen: list[torch.Tensor] = []
-    handle = net.get_submodule(layer).register_forward_hook(lambda _m, _i, out: seen.append(out))
+    handle = net.get_submodule(layer).register_forward_hook(
+        lambda _m, _i, out: seen.append(out.clone())
+    )  # an in-place ReLU may follow
     try:
         net(x)
     finally:
