@@ -300,8 +300,8 @@ def whitening_in_bounds(p: Tensor, s_n: Tensor, tol: float = DIVERGENCE_TOL) -> 
 
 _FIX = (
     "The uncoupled iteration amplifies rounding error once converged directions meet an eigenvalue ratio "
-    "above ~2.4: keep T=10 or lower it, raise eps, or whiten a layer with more samples per channel "
-    "(batch * H * W >> C)."
+    "above ~2.4: use solver=eigh (the same polynomial evaluated exactly; it cannot diverge), keep T=10 or "
+    "lower it, raise eps, or whiten a layer with more samples per channel (batch * H * W >> C)."
 )
 
 

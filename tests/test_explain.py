@@ -65,7 +65,8 @@ def _input(kind: str, b: int = 3) -> torch.Tensor:
 
 def _hooked(module: torch.nn.Module, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     seen: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+    # a copy: an in-place ReLU may follow the module (torchvision BasicBlock after bn1)
+    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
     try:
         with torch.no_grad():
             net(x)
