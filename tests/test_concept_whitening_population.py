@@ -13,6 +13,9 @@ from interpzoo.models.concept_whitening import precise_whitening_statistics
 from interpzoo.run import train
 from tests.conftest import TINY_DATA
 
+# a CW run with exact whitening (T=40 through eigh) and alignment every batch
+EXACT_CW = ["model=cw", "model.align_every=1", "model.net.T=40", "model.net.solver=eigh"]
+
 
 def _batches(d: int = 12, n: int = 5, seed: int = 0) -> list[torch.Tensor]:
     """``n`` batches ``(8, d, 3, 4)`` of correlated features with a large common mean (cond ~ 100)."""
@@ -128,14 +131,7 @@ def test_precise_statistics_through_a_network_layer_by_layer() -> None:
 def test_training_with_precise_statistics_whitens_the_eval_features(make_cfg) -> None:
     """``model.precise_statistics_batches``: the eval-mode whitened covariance of the validation images is
     closer to I than with the running averages (same seed, same data)."""
-    common = [
-        "model=cw",
-        "debug=fdr",
-        "model.align_every=1",
-        "model.net.T=40",
-        "model.net.solver=eigh",
-        *TINY_DATA,
-    ]
+    common = [*EXACT_CW, "debug=fdr", *TINY_DATA]
     plain = train(make_cfg(common))
     precise = train(make_cfg([*common, "model.precise_statistics_batches=4"]))
     # one validation batch of 32 images (sampling noise ~0.2 alone) after 4 training batches of statistics
@@ -148,10 +144,7 @@ def test_precise_statistics_without_validation_run_at_the_end_of_training(make_c
     """With validation off, the statistics are re-estimated once training ends, so the test split (same
     distribution as training) sees whitened features closer to I than with the running averages."""
     common = [
-        "model=cw",
-        "model.align_every=1",
-        "model.net.T=40",
-        "model.net.solver=eigh",
+        *EXACT_CW,
         "trainer.max_epochs=1",
         "+trainer.limit_train_batches=2",
         "+trainer.limit_val_batches=0",
