@@ -108,6 +108,20 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concept-samples", type=int, default=200, help="probe images per concept (CW alignment)")
     p.add_argument("--samples", type=int, default=300, help="images of the varied-pose test and val splits")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--class-seed",
+        type=int,
+        default=None,
+        help="seed of PartShapes' class table (data.class_seed; default --seed)",
+    )
+    p.add_argument(
+        "--minimal-pairs",
+        nargs="*",
+        default=[],
+        choices=("shape", "colour", "texture"),
+        help="PartShapes class pairs that differ in one attribute only (data.minimal_pairs), so the "
+        "classifier must represent it; default: the plain table, where shape is redundant",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="write the results as markdown here")
     p.add_argument("--quick", action="store_true", help="tiny data and 1 epoch each: a smoke run (~1 min)")
@@ -280,6 +294,8 @@ def make_datamodule(args: argparse.Namespace, concept_samples: int | None = None
         n_concept_train=concept_samples or args.concept_samples,
         n_concept_test=64,
         seed=args.seed,
+        class_seed=args.class_seed,
+        minimal_pairs=tuple(args.minimal_pairs),
     )
     dm.setup("fit")
     return dm
@@ -415,7 +431,15 @@ def report(
             else ""
         )
         + f"), alignment every {args.align_every} batches on "
-        f"{args.concept_samples} probe images per concept.  ",
+        f"{args.concept_samples} probe images per concept; class table: "
+        + (
+            f"minimal pairs {' '.join(args.minimal_pairs)} (`data.minimal_pairs`: class pairs that differ in "
+            "that attribute alone, so the classifier must read it)"
+            if args.minimal_pairs
+            else "plain (with the default class seed shape is redundant: classes stay 2 slots apart with it ignored)"
+        )
+        + (f", class seed {args.class_seed}" if args.class_seed is not None else "")
+        + ".  ",
         f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
         f"Python {platform.python_version()}; total wall {total:.0f} s.",
         "",

@@ -1,25 +1,27 @@
-"""Prototypes that are parts (issue 14): the black box, ProtoPNet (scratch 4x4, warm-started 8x8) and PIP-Net.
+"""Prototypes that are parts (issue 14): the black box, ProtoPNet (scratch at layer4, warm-started at layer3) and PIP-Net.
 
 One process, fixed seeds, one CPU budget. Every model trains on the same PartShapes data with varied pose
-through the real pipeline (:func:`interpzoo.api.run_training`, i.e. ``python train.py``):
+(64 px by default, ``--image-size``) through the real pipeline (:func:`interpzoo.api.run_training`, i.e.
+``python train.py``):
 
 1. **black box** -- ``experiment=baseline_partshapes data.pose=varied`` (resnet18s cut at layer4);
-2. **ProtoPNet, scratch, 4x4** -- ``model=protopnet`` as shipped (layer4: a 4x4 latent grid at 32 px);
-3. **ProtoPNet, warm-started, 8x8** -- ``experiment=protopnet_partscale`` with
-   ``model.net.backbone.pretrained=<the black box's bundle>`` (layer3: 8x8; warm epochs on the frozen trunk);
+2. **ProtoPNet, scratch** -- ``model=protopnet`` as shipped (layer4: 8x8 at 64 px, 4x4 at 32 px);
+3. **ProtoPNet, warm-started** -- ``experiment=protopnet_partscale`` with
+   ``model.net.backbone.pretrained=<the black box's bundle>`` (layer3: 16x16 at 64 px, 8x8 at 32 px; warm
+   epochs on the frozen trunk);
 4. **PIP-Net** -- ``experiment=pipnet_partscale`` with ``model.net.backbone.pretrained=<the black box's bundle>``
-   (layer3: 8x8; cell-shifted views, reflect padding, a sparser scoring sheet); ``--pipnet default`` trains
-   ``model=pipnet`` from scratch instead, as shipped.
+   (layer3; a sparser scoring sheet); ``--pipnet default`` trains ``model=pipnet`` from scratch instead, as
+   shipped.
 
 Then each exported bundle is scored by :func:`interpzoo.scorecard.evaluate` on the same held-out varied-pose
 split (same ``--num-samples`` and ``--seed``), and ``benchmarks/part_prototypes_results.md`` gets one row per
 method x metric (raw, oracle ceiling, random baseline, normalised) with each model's test accuracy, the
-command, the seed and the machine. A method without a scorer (PIP-Net before its scorecard lands) is listed
-as such.
+command, the seed and the machine. A method without a scorer is listed as such.
 
 Usage::
 
-    python benchmarks/part_prototypes.py                      # the real run (10-25 min on one CPU thread)
+    python benchmarks/part_prototypes.py                      # the real run (~40 min on one CPU thread)
+    python benchmarks/part_prototypes.py --image-size 32      # the coarser 32 px run (~10 min)
     python benchmarks/part_prototypes.py --quick --out /tmp/pp   # a tiny smoke configuration (~1-2 min)
 """
 
@@ -46,24 +48,24 @@ RESULTS = ROOT / "benchmarks" / "part_prototypes_results.md"
 # name -> (label, the model's own overrides). The black box comes first: the warm start needs its bundle.
 MODELS: dict[str, tuple[str, list[str]]] = {
     "blackbox": (
-        "black box (`experiment=baseline_partshapes`, layer4, 4x4)",
+        "black box (`experiment=baseline_partshapes`, layer4, {l4})",
         ["experiment=baseline_partshapes"],
     ),
     "protopnet_scratch": (
-        "ProtoPNet scratch (`model=protopnet`, layer4, 4x4)",
+        "ProtoPNet scratch (`model=protopnet`, layer4, {l4})",
         ["model=protopnet", "backbone=resnet18s"],
     ),
     "protopnet_warm": (
-        "ProtoPNet warm-started (`experiment=protopnet_partscale`, layer3, 8x8)",
+        "ProtoPNet warm-started (`experiment=protopnet_partscale`, layer3, {l3})",
         ["experiment=protopnet_partscale"],
     ),
     "pipnet": (
-        "PIP-Net warm-started (`experiment=pipnet_partscale`, layer3, 8x8)",
+        "PIP-Net warm-started (`experiment=pipnet_partscale`, layer3, {l3})",
         ["experiment=pipnet_partscale"],
     ),
 }
 # --pipnet default: the shipped model=pipnet from scratch (what the first run of this benchmark measured)
-PIPNET_DEFAULT = ("PIP-Net scratch (`model=pipnet`, layer3, 8x8)", ["model=pipnet", "backbone=resnet18s"])
+PIPNET_DEFAULT = ("PIP-Net scratch (`model=pipnet`, layer3, {l3})", ["model=pipnet", "backbone=resnet18s"])
 
 
 def models(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
@@ -71,7 +73,12 @@ def models(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
     out = dict(MODELS)
     if args.pipnet == "default":
         out["pipnet"] = PIPNET_DEFAULT
-    return out
+    for name in args.skip:
+        out.pop(name, None)
+    # the latent grids at this image size (resnet18s: layer3 is stride 4, layer4 stride 8)
+    size = getattr(args, "image_size", 32)
+    grids = {"l3": f"{size // 4}x{size // 4}", "l4": f"{size // 8}x{size // 8}"}
+    return {name: (label.format(**grids), own) for name, (label, own) in out.items()}
 
 
 ANALYSIS = "## Analysis (written by hand after the run)"
@@ -120,6 +127,7 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         f"data.n_val={args.n_val}",
         f"data.n_test={args.n_test}",
         f"data.batch_size={args.batch_size}",
+        f"data.image_size={args.image_size}",
         f"seed={args.seed}",
         "logger=none",
         "callbacks.intrinsic_dim=null",
@@ -210,9 +218,10 @@ def _headline(rows: list[dict], model: str, metric: str) -> float:
     return float("nan")
 
 
-def verdict(rows: list[dict], runs: dict[str, dict[str, Any]]) -> list[str]:
+def verdict(rows: list[dict], runs: dict[str, dict[str, Any]], image_size: int = 32) -> list[str]:
     """The issue's targets, each with the measured gap (a missed target says by how much)."""
     lines = ["## Targets (issue 14)", ""]
+    l3, l4 = f"{image_size // 4}x{image_size // 4}", f"{image_size // 8}x{image_size // 8}"
     for metric in HEADLINE:
         warm, scratch = (
             _headline(rows, "protopnet_warm", metric),
@@ -221,7 +230,7 @@ def verdict(rows: list[dict], runs: dict[str, dict[str, Any]]) -> list[str]:
         gap = warm - scratch
         ok = math.isfinite(gap) and gap >= 0.1
         lines.append(
-            f"- ProtoPNet warm 8x8 vs scratch 4x4, normalised {metric}: {_fmt(warm)} vs {_fmt(scratch)} "
+            f"- ProtoPNet warm ({l3}) vs scratch ({l4}), normalised {metric}: {_fmt(warm)} vs {_fmt(scratch)} "
             f"(difference {gap:+.3f}; 'clearly above' read as >= +0.1): {'met' if ok else 'MISSED'}"
         )
     bb_acc = runs["blackbox"]["metrics"].get("test/acc", float("nan"))
@@ -248,9 +257,9 @@ def report(
 ) -> str:
     machine = f"{_cpu_name()}, {os.cpu_count()} cores, {args.threads} torch thread(s)"
     lines = [
-        "# Part prototypes: black box, ProtoPNet (scratch 4x4, warm-started 8x8), PIP-Net",
+        "# Part prototypes: black box, ProtoPNet (scratch at layer4, warm-started at layer3), PIP-Net",
         "",
-        f"Command: `{command}` (seed {args.seed}; PartShapes 32 px with varied pose, n_train={args.n_train}, "
+        f"Command: `{command}` (seed {args.seed}; PartShapes {args.image_size} px with varied pose, n_train={args.n_train}, "
         f"n_val={args.n_val}, n_test={args.n_test}, batch {args.batch_size}; scorecard on {args.num_samples} "
         f"held-out varied-pose images; torch {torch.__version__}; {machine}"
         + ("; **--quick smoke configuration, numbers are not meaningful**" if args.quick else "")
@@ -283,7 +292,7 @@ def report(
     ]
     if unscored:
         lines += ["", "Not scored: " + "; ".join(unscored) + "."]
-    lines += ["", *verdict(rows, runs)]
+    lines += ["", *verdict(rows, runs, args.image_size)]
     return "\n".join(lines) + "\n"
 
 
@@ -306,10 +315,27 @@ def main(argv: list[str] | None = None) -> None:
         default="partscale",
         help="PIP-Net variant: the warm-started experiment=pipnet_partscale, or model=pipnet from scratch",
     )
+    ap.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="PartShapes image side in pixels (data.image_size; default 64, --quick 32; parts scale with the "
+        "image, so at 64 px a latent cell of the same stage covers a quarter of the image area it covers at 32 px)",
+    )
+    ap.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=("protopnet_scratch", "protopnet_warm", "pipnet"),
+        help="models not to run while exploring (the black box always runs: the warm starts need it; the "
+        "report then lacks their rows, so commit full runs only)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="folder for runs and the results file")
     args = ap.parse_args(argv)
     if args.quick:
         args.n_train, args.n_val, args.n_test, args.num_samples, args.batch_size = 96, 40, 40, 40, 32
+    if args.image_size is None:
+        args.image_size = 32 if args.quick else 64
     torch.set_num_threads(args.threads)
     command = "python benchmarks/part_prototypes.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)

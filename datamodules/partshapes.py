@@ -59,6 +59,8 @@ ALL_TEXTURES: tuple[str, ...] = ("solid", "hstripes", "vstripes", "checker", "do
 DEFAULT_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 DEFAULT_COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta")
 DEFAULT_TEXTURES: tuple[str, ...] = ("solid", "hstripes", "vstripes", "checker")
+# the three attributes of a part, in the order of the class table's last axis
+ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "texture")
 FOUR_PART_NAMES: tuple[str, ...] = ("head", "body", "wing", "tail")
 
 SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
@@ -238,6 +240,11 @@ class PartShapesRenderer:
         h_min: minimum number of slots in which any two classes differ (1..K).
         seed: base seed of every sample and of the noise bank.
         class_seed: seed of the class definitions (default ``seed``).
+        minimal_pairs: attribute names (``"shape"``, ``"colour"``, ``"texture"``; repeats allowed), one pair
+            of classes per entry that differ in that attribute *only* (in ``h_min`` slots), so a classifier
+            must read the attribute to tell them apart. Without it an attribute is often redundant (on the
+            default table, classes stay ``h_min`` slots apart with shape ignored) and a network need not
+            represent it. Empty (default): the plain table, unchanged.
         shapes, colours, textures: vocabulary (names from ``ALL_SHAPES``, ``ALL_COLOURS``, ``ALL_TEXTURES``).
         part_names: names of the slots (default head/body/wing/tail for K=4, ``slot_i`` otherwise).
         scale_range: part stamp side as a fraction of ``image_size`` (one scale per sample).
@@ -267,6 +274,7 @@ class PartShapesRenderer:
         h_min: int = 2,
         seed: int = 0,
         class_seed: int | None = None,
+        minimal_pairs: Sequence[str] = (),
         shapes: Sequence[str] | None = None,
         colours: Sequence[str] | None = None,
         textures: Sequence[str] | None = None,
@@ -302,6 +310,17 @@ class PartShapesRenderer:
         self.h_min = int(h_min)
         self.seed = int(seed)
         self.class_seed = int(seed if class_seed is None else class_seed)
+        bad_attr = [a for a in minimal_pairs if a not in ATTRIBUTES]
+        if bad_attr:
+            raise ValueError(
+                f"minimal_pairs={list(minimal_pairs)}: {bad_attr} not among the attributes {list(ATTRIBUTES)}"
+            )
+        if 2 * len(minimal_pairs) > num_classes:
+            raise ValueError(
+                f"minimal_pairs has {len(minimal_pairs)} pairs, which need {2 * len(minimal_pairs)} classes; "
+                f"num_classes={num_classes}: raise num_classes or list fewer pairs"
+            )
+        self.minimal_pairs = tuple(str(a) for a in minimal_pairs)
         self.shapes = tuple(shapes) if shapes is not None else DEFAULT_SHAPES
         self.colours = tuple(colours) if colours is not None else DEFAULT_COLOURS
         self.textures = tuple(textures) if textures is not None else DEFAULT_TEXTURES
@@ -397,14 +416,15 @@ class PartShapesRenderer:
         return list(range(lo, hi + 1))
 
     def _sample_classes(self) -> np.ndarray:
-        """``(C, K, 3)`` int class table, sampled without replacement with Hamming distance >= h_min."""
+        """``(C, K, 3)`` int class table, sampled without replacement with Hamming distance >= h_min; the
+        :attr:`minimal_pairs` (if any) come first."""
         k = self.num_slots
         ns, nc, nt = len(self.shapes), len(self.colours), len(self.textures)
         per_slot = ns * nc * nt
         if self.num_classes < 1 or self.num_classes > per_slot**k:
             raise ValueError(f"num_classes must be in [1, {per_slot**k}], got {self.num_classes}")
         g = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.class_seed, 0xC1A55])))
-        codes: list[np.ndarray] = []
+        codes: list[np.ndarray] = self._minimal_pair_codes(g) if self.minimal_pairs else []
         tries = 0
         while len(codes) < self.num_classes:
             tries += 1
@@ -419,6 +439,40 @@ class PartShapesRenderer:
             codes.append(cand)
         code = np.stack(codes)  # (C, K) flat per-slot code
         return np.stack([code // (nc * nt), (code // nt) % nc, code % nt], axis=-1).astype(np.int64)
+
+    def _minimal_pair_codes(self, g: np.random.Generator) -> list[np.ndarray]:
+        """Flat per-slot codes ``(K,)`` of the :attr:`minimal_pairs`: per entry a random class and its twin,
+        which differs from it in the entry's attribute alone, in ``h_min`` random slots (each changed to
+        another value), every class at least ``h_min`` slots from all earlier ones."""
+        k = self.num_slots
+        sizes = (len(self.shapes), len(self.colours), len(self.textures))
+        for attr in self.minimal_pairs:
+            if sizes[ATTRIBUTES.index(attr)] < 2:
+                raise ValueError(f"minimal_pairs: the {attr} vocabulary has one value; a pair needs two")
+        codes: list[np.ndarray] = []
+        for attr in self.minimal_pairs:
+            a = ATTRIBUTES.index(attr)
+            for _ in range(200_000):
+                base = np.stack([g.integers(0, n, size=k) for n in sizes], axis=-1)  # (K, 3)
+                twin = base.copy()
+                for slot in g.choice(k, size=self.h_min, replace=False):
+                    twin[slot, a] = (base[slot, a] + g.integers(1, sizes[a])) % sizes[a]
+                pair = [self._flat_code(base), self._flat_code(twin)]
+                if codes and min((np.stack(codes) != c).sum(axis=1).min() for c in pair) < self.h_min:
+                    continue
+                codes += pair
+                break
+            else:
+                raise ValueError(
+                    f"could not place the minimal pairs {list(self.minimal_pairs)} with h_min={self.h_min}; "
+                    f"list fewer pairs or lower h_min"
+                )
+        return codes
+
+    def _flat_code(self, table: np.ndarray) -> np.ndarray:
+        """``(K, 3)`` (shape, colour, texture) indices -> ``(K,)`` flat per-slot codes of :meth:`_sample_classes`."""
+        nc, nt = len(self.colours), len(self.textures)
+        return table[:, 0] * nc * nt + table[:, 1] * nt + table[:, 2]
 
     @property
     def class_table(self) -> np.ndarray:
@@ -473,6 +527,8 @@ class PartShapesRenderer:
             "h_min": self.h_min,
             "class_seed": self.class_seed,
             "classes": classes,
+            # only when set, so the plain tables keep their hashes
+            **({"minimal_pairs": list(self.minimal_pairs)} if self.minimal_pairs else {}),
         }
 
     def class_definitions_json(self) -> str:

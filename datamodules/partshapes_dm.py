@@ -46,6 +46,9 @@ class PartShapesDataModule(BaseDataModule):
         n_train, n_val, n_test: split sizes.
         seed: base seed of the samples (and of the classes unless ``class_seed`` is set).
         class_seed: seed of the class definitions.
+        minimal_pairs: attributes (``shape``, ``colour``, ``texture``; repeats allowed) with one pair of
+            classes each that differs in that attribute only, so the classifier must use it (see
+            :class:`PartShapesRenderer`); empty: the plain class table.
         noise_std: per-pixel noise sigma in 0..255 units.
         num_distractors: up to this many distractor objects per image.
         part_dropout: train-only probability of dropping 1..K-1 parts.
@@ -78,6 +81,7 @@ class PartShapesDataModule(BaseDataModule):
         n_test: int = 1000,
         seed: int = 0,
         class_seed: int | None = None,
+        minimal_pairs: Sequence[str] = (),
         noise_std: float = 8.0,
         num_distractors: int = 1,
         part_dropout: float = 0.2,
@@ -114,6 +118,7 @@ class PartShapesDataModule(BaseDataModule):
             h_min=h_min,
             seed=seed,
             class_seed=class_seed,
+            minimal_pairs=tuple(minimal_pairs),
             shapes=_opt_list(shapes),
             colours=_opt_list(colours),
             textures=_opt_list(textures),

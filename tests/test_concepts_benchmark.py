@@ -71,12 +71,14 @@ def check_results(text: str) -> None:
     assert "Command: `python benchmarks/concepts.py" in text and "Seed " in text and "Machine: " in text
 
 
-def test_committed_results_consistent() -> None:
-    path = ROOT / "benchmarks" / "concepts_results.md"
+@pytest.mark.parametrize("name", ["concepts_results.md", "concepts_results_minimal_pairs.md"])
+def test_committed_results_consistent(name: str) -> None:
+    path = ROOT / "benchmarks" / name
     check_results(path.read_text())
-    assert "--quick" not in path.read_text().split("Command:")[1].splitlines()[0], (
-        "commit a real run, not --quick"
-    )
+    command = path.read_text().split("Command:")[1].splitlines()[0]
+    assert "--quick" not in command and "--skip" not in command, "commit a full real run"
+    # the class table the file is about is the one its command used
+    assert ("--minimal-pairs" in command) == ("minimal_pairs" in name)
 
 
 @pytest.mark.slow

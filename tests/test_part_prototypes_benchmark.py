@@ -9,6 +9,7 @@ the formula ``normalised = (raw - random) / (ceiling - random)`` recomputed here
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -160,3 +161,30 @@ def test_quick_benchmark_warm_starts_from_its_own_black_box(quick_run: Path) -> 
         net = load_pretrained(runs / name / "bundle").eval()
         with torch.no_grad():
             assert net(x).similarity_maps.shape[-2:] == (side, side), name
+
+
+def test_image_size_and_skip_reach_the_training_overrides() -> None:
+    """``--image-size`` sets every model's ``data.image_size`` (the scorecard rebuilds its data from the black
+    box's config, so it follows); ``--skip`` drops models but never the black box the warm starts need."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import part_prototypes as pp
+
+    ns = argparse.Namespace(
+        n_train=10,
+        n_val=4,
+        n_test=4,
+        batch_size=2,
+        seed=0,
+        image_size=64,
+        pipnet="partscale",
+        skip=["protopnet_scratch", "pipnet"],
+    )
+    assert "data.image_size=64" in pp.common_overrides(ns)
+    assert list(pp.models(ns)) == ["blackbox", "protopnet_warm"]
+    with pytest.raises(SystemExit):  # the black box cannot be skipped
+        pp.main(["--image-size", "64", "--skip", "blackbox"])
+    # a 64 px image through the recipe's trunk: a 16x16 grid
+    net = create_model(
+        "protopnet", num_classes=10, backbone={"name": "resnet18s", "stage": "layer3", "width": 16}
+    )
+    assert net.eval()(torch.rand(1, 3, 64, 64)).similarity_maps.shape[-2:] == (16, 16)

@@ -148,6 +148,43 @@ def test_classes_hamming_and_hash() -> None:
         PartShapesRenderer(num_classes=5, h_min=5)
 
 
+def _slot_distance_without(t: np.ndarray, attr: int) -> np.ndarray:
+    """``(C, C)`` slots in which two classes differ once attribute ``attr`` is ignored (brute force)."""
+    keep = [a for a in range(3) if a != attr]
+    c = len(t)
+    return np.array([[(t[i][:, keep] != t[j][:, keep]).any(-1).sum() for j in range(c)] for i in range(c)])
+
+
+def test_plain_table_makes_shape_redundant_and_minimal_pairs_make_every_attribute_necessary() -> None:
+    plain = PartShapesRenderer(image_size=16, seed=0, noise_tiles=1).class_table
+    d = _slot_distance_without(plain, 0)
+    # the default table: with shape ignored every two classes still differ in >= h_min = 2 slots
+    assert d[~np.eye(10, dtype=bool)].min() >= 2
+    pairs = ("shape", "shape", "colour", "texture", "texture")
+    r = PartShapesRenderer(image_size=16, seed=0, noise_tiles=1, minimal_pairs=pairs)
+    t = r.class_table
+    for a, b in itertools.combinations(range(10), 2):
+        assert (t[a] != t[b]).any(-1).sum() >= 2  # h_min still holds
+    for i, attr in enumerate(pairs):
+        a = ("shape", "colour", "texture").index(attr)
+        base, twin = t[2 * i], t[2 * i + 1]
+        differ = base != twin  # (K, 3)
+        assert differ[:, a].sum() == 2 and differ.sum() == 2, (attr, base, twin)  # that attribute only
+        assert _slot_distance_without(t, a)[2 * i, 2 * i + 1] == 0  # ignoring it merges the pair
+    # the plain table is unchanged by the option's existence, the class hash tells the two apart
+    assert np.array_equal(
+        plain, PartShapesRenderer(image_size=16, seed=0, noise_tiles=1, minimal_pairs=()).class_table
+    )
+    assert r.class_hash != PartShapesRenderer(image_size=16, seed=0, noise_tiles=1).class_hash
+    assert json.loads(r.class_definitions_json())["minimal_pairs"] == list(pairs)
+    with pytest.raises(ValueError, match=r"'size'.*not among the attributes"):
+        PartShapesRenderer(minimal_pairs=("size",))
+    with pytest.raises(ValueError, match=r"need 12 classes; num_classes=10"):
+        PartShapesRenderer(minimal_pairs=("shape",) * 6)
+    dm = PartShapesDataModule(n_train=4, n_val=2, n_test=2, minimal_pairs=["colour"])
+    assert dm.renderer.minimal_pairs == ("colour",)
+
+
 def test_minimal_sufficient_part_sets() -> None:
     r = PartShapesRenderer(
         num_classes=12,

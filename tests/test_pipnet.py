@@ -398,7 +398,7 @@ def test_partscale_recipe_composes_to_a_warm_started_sparse_layer3_pipnet(tmp_pa
     cfg = compose_config(
         ["experiment=pipnet_partscale", "model.net.backbone.pretrained=/some/bundle"], tmp_path
     )
-    assert cfg.model.net.name == "pipnet" and cfg.data.pose == "varied"
+    assert cfg.model.net.name == "pipnet" and (cfg.data.pose, cfg.data.image_size) == ("varied", 64)
     assert (cfg.model.net.feature_stage, cfg.model.net.backbone.pretrained) == ("layer3", "/some/bundle")
     # the black box it warm-starts from has the same trunk (experiment=baseline_partshapes)
     bb = compose_config(["experiment=baseline_partshapes"], tmp_path)
