@@ -75,10 +75,13 @@ def models(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
         out["pipnet"] = PIPNET_DEFAULT
     for name in args.skip:
         out.pop(name, None)
-    # the latent grids at this image size (resnet18s: layer3 is stride 4, layer4 stride 8)
-    size = getattr(args, "image_size", 32)
-    grids = {"l3": f"{size // 4}x{size // 4}", "l4": f"{size // 8}x{size // 8}"}
-    return {name: (label.format(**grids), own) for name, (label, own) in out.items()}
+    l3, l4 = grids(getattr(args, "image_size", 32))
+    return {name: (label.format(l3=l3, l4=l4), own) for name, (label, own) in out.items()}
+
+
+def grids(image_size: int) -> tuple[str, str]:
+    """The latent grids ``("HxW" at layer3, at layer4)`` of resnet18s at this image size (strides 4 and 8)."""
+    return f"{image_size // 4}x{image_size // 4}", f"{image_size // 8}x{image_size // 8}"
 
 
 ANALYSIS = "## Analysis (written by hand after the run)"
@@ -221,7 +224,7 @@ def _headline(rows: list[dict], model: str, metric: str) -> float:
 def verdict(rows: list[dict], runs: dict[str, dict[str, Any]], image_size: int = 32) -> list[str]:
     """The issue's targets, each with the measured gap (a missed target says by how much)."""
     lines = ["## Targets (issue 14)", ""]
-    l3, l4 = f"{image_size // 4}x{image_size // 4}", f"{image_size // 8}x{image_size // 8}"
+    l3, l4 = grids(image_size)
     for metric in HEADLINE:
         warm, scratch = (
             _headline(rows, "protopnet_warm", metric),

@@ -310,6 +310,10 @@ class PartShapesRenderer:
         self.h_min = int(h_min)
         self.seed = int(seed)
         self.class_seed = int(seed if class_seed is None else class_seed)
+        if isinstance(
+            minimal_pairs, str
+        ):  # data.minimal_pairs=shape on the command line: one pair, not 5 letters
+            minimal_pairs = (minimal_pairs,)
         bad_attr = [a for a in minimal_pairs if a not in ATTRIBUTES]
         if bad_attr:
             raise ValueError(

@@ -118,7 +118,7 @@ class PartShapesDataModule(BaseDataModule):
             h_min=h_min,
             seed=seed,
             class_seed=class_seed,
-            minimal_pairs=tuple(minimal_pairs),
+            minimal_pairs=minimal_pairs if isinstance(minimal_pairs, str) else tuple(minimal_pairs),
             shapes=_opt_list(shapes),
             colours=_opt_list(colours),
             textures=_opt_list(textures),

@@ -183,6 +183,10 @@ def test_plain_table_makes_shape_redundant_and_minimal_pairs_make_every_attribut
         PartShapesRenderer(minimal_pairs=("shape",) * 6)
     dm = PartShapesDataModule(n_train=4, n_val=2, n_test=2, minimal_pairs=["colour"])
     assert dm.renderer.minimal_pairs == ("colour",)
+    # a bare name (data.minimal_pairs=colour on the command line) is one pair, not a sequence of letters
+    assert PartShapesRenderer(image_size=16, noise_tiles=1, minimal_pairs="colour").minimal_pairs == (
+        "colour",
+    )
 
 
 def test_minimal_sufficient_part_sets() -> None:
