@@ -43,15 +43,23 @@ def _recipes() -> dict[str, list[str]]:
     """Bundle name -> ``train.py`` overrides (``<method>_<backbone>.<data>_s<seed>``)."""
     out: dict[str, list[str]] = {}
     for s in (0, 1, 2):
-        out[f"protopnet_resnet18s.partshapes_s{s}"] = [
-            "model=protopnet",
+        # the matched black boxes at part scale (64 px, varied pose): the trunks the ProtoPNet bundles start from
+        out[f"baseline_resnet18s.partshapes_partscale_s{s}"] = [
+            "experiment=baseline_partscale",
             *NARROW,
-            "data=partshapes",
             *PS_SMALL,
-            "model.net.prototypes_per_class=2",
-            "model.net.prototype_dim=32",
+            "trainer.max_epochs=3",
+            f"seed={s}",
+        ]
+    for s in (0, 1, 2):
+        # ProtoPNet at part scale (issue 14): layer3 (16x16 grid at 64 px), varied pose, the trunk warm-started
+        # from the black box of the same seed, named as a shipped bundle (built first when missing: plan())
+        out[f"protopnet_resnet18s.partshapes_s{s}"] = [
+            "experiment=protopnet_partscale",
+            *NARROW,
+            *PS_SMALL,
+            f"model.net.backbone.pretrained=baseline_resnet18s.partshapes_partscale_s{s}",
             "model.metrics.stability=false",
-            "trainer.max_epochs=8",
             f"seed={s}",
         ]
     for s in (0, 1, 2):  # contrastive alignment, exact whitening, population statistics (issue 15)
@@ -127,7 +135,8 @@ RECIPES = _recipes()
 # Headline interpretability metric per architecture prefix: (metric key, column label).
 HEADLINE = {
     "baseline": ("none", "none"),  # the black box has no interpretability metric of its own: "–"
-    "protopnet": ("test/prototype_class_purity", "prototype class purity"),
+    # part-scale bundles (issue 14): is a prototype one part? (1 = the oracle, 0 = random own-class patches)
+    "protopnet": ("test/prototype_consistency_norm", "part consistency (normalised)"),
     "cw": ("test/concept_auc_mean", "concept AUC (mean)"),
     "cbm": ("test/concept_auc_mean", "concept AUC (mean)"),
     "pipnet": ("test/explanation_size", "explanation size (prototypes per decision)"),
@@ -135,6 +144,36 @@ HEADLINE = {
     "senn": ("test/faithfulness", "faithfulness"),
     "soft": ("test/code_sparsity", "code sparsity"),
 }
+
+
+def dependencies(overrides: list[str]) -> list[str]:
+    """The bundles of this zoo a recipe starts from (``...backbone.pretrained=<bundle name>``), in order."""
+    return [
+        value
+        for key, _, value in (o.partition("=") for o in overrides)
+        if key.endswith(".pretrained") and value in _recipe_names()
+    ]
+
+
+def _recipe_names() -> set[str]:
+    return set(RECIPES) if "RECIPES" in globals() else set()
+
+
+def plan(names: list[str]) -> list[str]:
+    """``names`` in build order, preceded by the bundles they start from that are not shipped yet."""
+    out: list[str] = []
+
+    def visit(name: str) -> None:
+        for dep in dependencies(RECIPES[name]):
+            if dep not in names and (PRETRAINED / dep / "config.json").is_file():
+                continue  # shipped already, and not asked to be re-made
+            visit(dep)
+        if name not in out:
+            out.append(name)
+
+    for name in names:
+        visit(name)
+    return out
 
 
 def recipe_command(overrides: list[str]) -> str:
@@ -197,6 +236,9 @@ def zoo_table() -> str:
         method_backbone, data_seed = d.name.split(".", 1)
         method, _, backbone = method_backbone.partition("_")
         data = data_seed.rsplit("_s", 1)[0]
+        side = (cfg.get("data_config", {}).get("image_size") or [None])[0]
+        if data.startswith("partshapes") and side not in (None, 32):
+            data += f" ({side} px)"
         perf = (
             f"acc {m['test/acc']:.3f}"
             if "test/acc" in m
@@ -239,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     names = [n for n in RECIPES if fnmatch.fnmatchcase(n, args.only)]
     if not names:
         raise SystemExit(f"--only {args.only!r} matches no recipe; recipes: {list(RECIPES)}")
-    for name in names:
+    for name in plan(names):
         dest = build(name, RECIPES[name])
         print(f"{name}: {bundle_size(dest) / 1024:.0f} KB -> {dest}", flush=True)
     total = sum(bundle_size(d) for d in PRETRAINED.iterdir() if d.is_dir())

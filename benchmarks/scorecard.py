@@ -44,16 +44,18 @@ def _fmt(v: float) -> str:
 
 
 def _datamodule(config: dict, cache: dict):
-    """The PartShapes datamodule a bundle was trained on (defaults, grey if one channel), or ``None``."""
+    """The PartShapes datamodule a bundle was trained on (defaults at its image size, grey if one channel), or
+    ``None``."""
     from interpzoo.datamodules.partshapes_dm import PartShapesDataModule
 
     info = config.get("data_config", {})
     if "class_hash" not in info:
         return None
     grey = int(info.get("in_chans", 3)) == 1
-    if grey not in cache:
-        cache[grey] = PartShapesDataModule(grayscale=grey)
-    dm = cache[grey]
+    size = int(info.get("image_size", [32])[0])
+    if (grey, size) not in cache:
+        cache[grey, size] = PartShapesDataModule(grayscale=grey, image_size=size)
+    dm = cache[grey, size]
     if dm.class_hash != info["class_hash"]:
         return None
     return dm

@@ -190,6 +190,8 @@ def _weights_file(weights_name: str) -> Path:
 
 
 _TRUNK_PREFIX = "backbone.body."
+# the value the part-scale experiments put where the black box's bundle must go (conf/experiment/*_partscale.yaml)
+_PLACEHOLDER = "SET-model.net.backbone.pretrained"
 
 
 def _load_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -197,10 +199,24 @@ def _load_state(path: str | Path) -> dict[str, torch.Tensor]:
 
     ``path`` is a ``.pth``/``.safetensors`` state dict of the full torchvision model, or a trained interpzoo
     model to warm-start from (its trunk, ``backbone.body.*``): a bundle folder (``config.json`` +
-    ``model.safetensors``), a bundle's ``model.safetensors`` or a Lightning ``.ckpt``. Everything is read
+    ``model.safetensors``) or a shipped bundle's name (:func:`~interpzoo.models.list_pretrained`), a bundle's
+    ``model.safetensors`` or a Lightning ``.ckpt``. Everything is read
     without pickle (``weights_only=True``).
     """
     path = Path(path)
+    if str(path).startswith(_PLACEHOLDER):
+        raise PretrainedWeightsError(
+            "this recipe warm-starts its trunk from a trained matched black box and none was given "
+            f"(model.net.backbone.pretrained is still the placeholder {str(path)!r}). Train one first: "
+            "`python train.py experiment=baseline_partscale paths.output_dir=runs/blackbox`, then add "
+            "model.net.backbone.pretrained=runs/blackbox/bundle; or start from a shipped one: "
+            "model.net.backbone.pretrained=baseline_resnet18s.partshapes_partscale_s0 model.net.backbone.width=8"
+        )
+    if not path.exists() and len(path.parts) == 1:
+        from interpzoo.models.registry import PRETRAINED_DIR, list_pretrained
+
+        if str(path) in list_pretrained():  # a shipped bundle by name, e.g. the part-scale black boxes
+            path = PRETRAINED_DIR / str(path)
     if path.is_dir():
         if not (path / "model.safetensors").is_file():
             raise PretrainedWeightsError(

@@ -294,8 +294,10 @@ def resolve_task(info: dict[str, Any]) -> str:
 
 
 def default_bundle(name: str) -> str:
-    """The shipped bundle ``pretrained=True`` loads for a model name: the first ``<name>.<data>_s<seed>``."""
-    for bundle in list_pretrained(f"{name}.*"):
+    """The shipped bundle ``pretrained=True`` loads for a model name: of its ``<name>.<data>_s<seed>`` bundles the
+    one with the plainest tag (shortest, then first by name: ``baseline_resnet18s.partshapes_s0`` before
+    ``baseline_resnet18s.partshapes_partscale_s0``)."""
+    for bundle in sorted(list_pretrained(f"{name}.*"), key=lambda b: (len(b), b)):
         return bundle
     have = sorted({b.split(".", 1)[0] for b in list_pretrained()})
     raise ValueError(

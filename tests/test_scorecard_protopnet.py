@@ -137,9 +137,29 @@ def protopnet() -> torch.nn.Module:
     return load_pretrained("protopnet_resnet18s.partshapes_s0")
 
 
+@pytest.fixture(scope="module")
+def protopnet_dm(protopnet: torch.nn.Module) -> PartShapesDataModule:
+    """The data the shipped ProtoPNet bundle was trained on: PartShapes at its image size (part scale, 64 px)."""
+    return PartShapesDataModule(image_size=protopnet.data_config["image_size"][0])
+
+
+def test_a_bundle_is_not_scored_on_images_of_another_size(protopnet: torch.nn.Module) -> None:
+    size = protopnet.data_config["image_size"][0]
+    other = PartShapesDataModule(image_size=32 if size != 32 else 48)
+    with pytest.raises(
+        ValueError, match=rf"trained on {size}x{size} images.*PartShapesDataModule\(image_size={size}\)"
+    ):
+        evaluate(protopnet, other, num_samples=10)
+    shuffled = PartShapesDataModule(image_size=size, class_seed=1)
+    assert shuffled.class_hash != protopnet.data_config["class_hash"]
+    with pytest.raises(ValueError, match="another PartShapes class table"):
+        evaluate(protopnet, shuffled, num_samples=10)
+
+
 def test_random_prototypes_score_about_zero_and_the_model_row_is_consistent(
-    protopnet: torch.nn.Module, dm: PartShapesDataModule
+    protopnet: torch.nn.Module, protopnet_dm: PartShapesDataModule
 ) -> None:
+    dm = protopnet_dm
     rows = {r.metric: r for r in evaluate(protopnet, dm, num_samples=120)}
     assert set(rows) == {"gt_accuracy", "part_consistency", "part_purity", "part_deletion"}
     acc = rows["gt_accuracy"]
@@ -164,8 +184,9 @@ def test_random_prototypes_score_about_zero_and_the_model_row_is_consistent(
 
 
 def test_random_patch_prototypes_are_real_patches_of_their_class(
-    protopnet: torch.nn.Module, dm: PartShapesDataModule
+    protopnet: torch.nn.Module, protopnet_dm: PartShapesDataModule
 ) -> None:
+    dm = protopnet_dm
     pool = dm.ground_truth_dataset(60, "val")
     classes = protopnet.prototype_classes
     protos = random_patch_prototypes(protopnet, pool, classes, seed=0)
@@ -214,7 +235,9 @@ def test_posthoc_gradcam_rows_on_the_matched_black_box(dm: PartShapesDataModule)
     assert not torch.equal(next(twin.parameters()), next(net.parameters()))
 
 
-def test_callback_logs_rows_on_partshapes_and_nothing_without_ground_truth(dm: PartShapesDataModule) -> None:
+def test_callback_logs_rows_on_partshapes_and_nothing_without_ground_truth(
+    protopnet_dm: PartShapesDataModule,
+) -> None:
     from types import SimpleNamespace
 
     from interpzoo.scorecard.callback import GroundTruthScorecard
@@ -229,7 +252,7 @@ def test_callback_logs_rows_on_partshapes_and_nothing_without_ground_truth(dm: P
     torch.set_num_threads(1)
     cb = GroundTruthScorecard(num_samples=30)
     module = Module(load_pretrained("protopnet_resnet18s.partshapes_s0"))
-    cb.on_test_epoch_end(SimpleNamespace(datamodule=dm), module)
+    cb.on_test_epoch_end(SimpleNamespace(datamodule=protopnet_dm), module)
     assert module.logged["test/gt/part_deletion_ceiling"] == pytest.approx(100.0)
     assert {"test/gt/part_purity", "test/gt/part_purity_random", "test/gt/part_purity_norm"} <= set(
         module.logged

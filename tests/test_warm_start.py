@@ -44,6 +44,29 @@ def test_trunk_equals_the_source_bundle_up_to_a_shallower_stage() -> None:
     assert not torch.equal(fresh["backbone.body.conv1.weight"], trunk["backbone.body.conv1.weight"])
 
 
+def test_a_shipped_bundle_is_named_and_the_placeholder_says_how_to_get_one() -> None:
+    name = "baseline_resnet18s.partshapes_partscale_s1"  # the part-scale black box the ProtoPNet bundles start from
+    source = load_file(str(PRETRAINED_DIR / name / "model.safetensors"))
+    trunk = _trunk(
+        create_model("protopnet", num_classes=10, backbone={**SMALL, "stage": "layer3", "pretrained": name})
+    )
+    assert trunk and all(torch.equal(v, source[k]) for k, v in trunk.items())
+    # experiment=protopnet_partscale / pipnet_partscale without a black box: the two ways to give one
+    with pytest.raises(
+        PretrainedWeightsError, match=r"experiment=baseline_partscale.*partshapes_partscale_s0"
+    ):
+        create_model(
+            "protopnet",
+            num_classes=10,
+            backbone={**SMALL, "pretrained": "SET-model.net.backbone.pretrained-TO-THE-BLACK-BOX-BUNDLE"},
+        )
+    # a name that is neither a file nor a shipped bundle is still "not found"
+    with pytest.raises(PretrainedWeightsError, match="not found"):
+        create_model(
+            "protopnet", num_classes=10, backbone={**SMALL, "pretrained": "baseline_resnet18s.nope_s0"}
+        )
+
+
 def test_trunk_from_a_lightning_checkpoint(tmp_path: Path) -> None:
     src = create_model("baseline", num_classes=4, backbone=SMALL)
     with torch.no_grad():

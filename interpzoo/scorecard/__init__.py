@@ -26,6 +26,7 @@ __all__ = [
     "NoGroundTruth",
     "Score",
     "accuracy_row",
+    "check_same_data",
     "evaluate",
     "normalised_score",
     "scorer_module",
@@ -66,6 +67,7 @@ def evaluate(
     scorer gives beyond the rows, e.g. ``"unit_part_scores"`` (one normalised part score per prototype).
     """
     module = scorer_module(net)
+    check_same_data(net, datamodule)
     was = net.training
     net.eval()
     kwargs: dict[str, Any] = {"num_samples": num_samples, "seed": seed}
@@ -77,6 +79,33 @@ def evaluate(
         return ([accuracy] if accuracy is not None else []) + rows
     finally:
         net.train(was)
+
+
+def check_same_data(net: nn.Module, datamodule: Any) -> None:
+    """Refuse to score ``net`` on data it was not trained on (another image size or class table).
+
+    A loaded bundle knows its data (``net.data_config``); scoring it on other images would report the
+    distribution shift, not the explanation. Networks without a recorded data config are not checked.
+    """
+    trained = getattr(net, "data_config", None) or {}
+    renderer = getattr(datamodule, "renderer", None)
+    if not isinstance(trained, dict) or not trained or renderer is None:
+        return
+    size = trained.get("image_size")
+    have = [renderer.image_size, renderer.image_size] if hasattr(renderer, "image_size") else None
+    if size and have and list(size) != list(have):
+        raise ValueError(
+            f"the network was trained on {size[0]}x{size[1]} images but the datamodule renders "
+            f"{have[0]}x{have[1]}: build it with the network's size, e.g. "
+            f"PartShapesDataModule(image_size={size[0]}) (net.data_config['image_size'])"
+        )
+    h_net, h_dm = trained.get("class_hash"), getattr(datamodule, "class_hash", None)
+    if h_net and h_dm and h_net != h_dm:
+        raise ValueError(
+            f"the network was trained on another PartShapes class table (class_hash {h_net}, the datamodule's "
+            f"is {h_dm}): build the datamodule with the data settings the network was trained with (its "
+            "bundle's config.json, lightning.hparams / recipe)"
+        )
 
 
 @torch.no_grad()
