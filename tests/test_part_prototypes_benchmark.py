@@ -36,12 +36,13 @@ def test_recipe_composes_to_a_warm_started_layer3_protopnet_on_varied_pose(tmp_p
         ["experiment=protopnet_partscale", "model.net.backbone.pretrained=/some/bundle"], tmp_path
     )
     assert cfg.model.net.name == "protopnet"
-    assert cfg.data.pose == "varied"
+    assert (cfg.data.pose, cfg.data.image_size) == ("varied", 64)
     backbone = cfg.model.net.backbone
     assert (backbone.name, backbone.stage, backbone.pretrained) == ("resnet18s", "layer3", "/some/bundle")
-    # the black box it warm-starts from has the same width (experiment=baseline_partshapes, default backbone)
-    bb = compose_config(["experiment=baseline_partshapes"], tmp_path)
+    # the black box it warm-starts from has the same trunk and data (experiment=baseline_partscale)
+    bb = compose_config(["experiment=baseline_partscale"], tmp_path)
     assert bb.model.net.backbone.width == backbone.width and bb.model.net.backbone.name == backbone.name
+    assert bb.model.net.name == "baseline" and (bb.data.pose, bb.data.image_size) == ("varied", 64)
     # warm epochs on the frozen trunk first, then joint at a trunk rate below the add-on's, push, last layer
     s, o = cfg.model.schedule, cfg.model.optim
     plan = phase_plan(
@@ -62,16 +63,19 @@ def test_recipe_without_a_black_box_stops_with_the_fix(tmp_path: Path) -> None:
     cfg = compose_config(["experiment=protopnet_partscale"], tmp_path)
     backbone = OmegaConf.to_container(cfg.model.net.backbone)
     assert backbone["pretrained"] not in (False, None, "")  # never a silent start from scratch
-    with pytest.raises(PretrainedWeightsError, match=r"not found.*backbone\.pretrained=<path>"):
+    with pytest.raises(
+        PretrainedWeightsError,
+        match=r"none was given.*experiment=baseline_partscale.*backbone\.pretrained=runs/blackbox/bundle",
+    ):
         create_model("protopnet", num_classes=10, backbone=backbone)
 
 
-def test_recipe_trunk_gives_an_8x8_grid_at_32_px() -> None:
+def test_recipe_trunk_gives_a_16x16_grid_at_64_px_and_8x8_at_32_px() -> None:
     net = create_model(
         "protopnet", num_classes=10, backbone={"name": "resnet18s", "stage": "layer3", "width": 16}
-    )
-    out = net.eval()(torch.rand(2, 3, 32, 32))
-    assert out.similarity_maps.shape[-2:] == (8, 8)
+    ).eval()
+    assert net(torch.rand(2, 3, 64, 64)).similarity_maps.shape[-2:] == (16, 16)
+    assert net(torch.rand(2, 3, 32, 32)).similarity_maps.shape[-2:] == (8, 8)
 
 
 @pytest.fixture(scope="module")
