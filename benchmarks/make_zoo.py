@@ -62,13 +62,15 @@ def _recipes() -> dict[str, list[str]]:
             "model.metrics.stability=false",
             f"seed={s}",
         ]
-    for s in (0, 1, 2):  # contrastive alignment, exact whitening, population statistics (issue 15)
+    for s in (0, 1, 2):
+        # contrastive alignment and the feature loss, exact whitening, population statistics (issue 15)
         out[f"cw_resnet18s.partshapes_s{s}"] = [
             "model=cw",
             *NARROW,
             "data=partshapes",
             *PS_SMALL,
             "model.net.alignment=contrastive",
+            "model.concept_loss_weight=5",
             "model.net.T=40",
             "model.net.solver=eigh",
             "model.precise_statistics_batches=20",
@@ -88,13 +90,13 @@ def _recipes() -> dict[str, list[str]]:
             "trainer.max_epochs=4",
             f"seed={s}",
         ]
-    for s in (0, 1, 2):  # PIP-Net on the default layout: 1 pretraining epoch + 9 full epochs
+    for s in (0, 1, 2):
+        # PIP-Net at part scale (issue 14): the same 64 px varied-pose data, layer3 grid and warm start as ProtoPNet
         out[f"pipnet_resnet18s.partshapes_s{s}"] = [
-            "model=pipnet",
+            "experiment=pipnet_partscale",
             *NARROW,
-            "data=partshapes",
             *PS_SMALL,
-            "trainer.max_epochs=10",
+            f"model.net.backbone.pretrained=baseline_resnet18s.partshapes_partscale_s{s}",
             f"seed={s}",
         ]
     out["icnn_resnet18s.partshapes_s0"] = [

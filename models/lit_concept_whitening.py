@@ -81,6 +81,9 @@ class ConceptWhiteningModule(ClassificationModule):
             :func:`~models.concept_whitening.precise_whitening_statistics`), so checkpoints and eval-mode
             outputs whiten the training distribution as it now is. ``0``: keep the exponential
             running averages of training (the paper's).
+        concept_loss_weight: weight of :meth:`concept_feature_loss` in the training loss (``0``, the default:
+            the paper's procedure, where only the rotation sees the concepts and the trunk is trained on the
+            class labels alone). ``> 0`` needs ``net.alignment=contrastive`` (paired negatives).
         report_top_k, report_samples: report figure of the top-``k`` test images per axis out of the
             first ``report_samples`` test images.
         **kwargs: the network config ``net`` (must build a concept-whitening network; default ``cw``),
@@ -104,6 +107,7 @@ class ConceptWhiteningModule(ClassificationModule):
         report_top_k: int = 8,
         report_samples: int = 512,
         precise_statistics_batches: int = 0,
+        concept_loss_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -119,12 +123,21 @@ class ConceptWhiteningModule(ClassificationModule):
             raise ValueError(f"unknown cayley option(s) {bad}; known: {list(_CAYLEY_KEYS)}")
         if align_every < 0:
             raise ValueError(f"align_every must be >= 0 (0 disables alignment), got {align_every}")
+        if concept_loss_weight < 0:
+            raise ValueError(
+                f"concept_loss_weight must be >= 0 (0: the paper's training), got {concept_loss_weight}"
+            )
         if precise_statistics_batches < 0:
             raise ValueError(
                 f"precise_statistics_batches must be >= 0 (0 keeps the running averages), got "
                 f"{precise_statistics_batches}"
             )
         self.concept_names = self.net.concepts
+        if concept_loss_weight > 0 and getattr(self.net, "alignment", "paper") != "contrastive":
+            raise ValueError(
+                "model.concept_loss_weight > 0 trains the features on pairs of images with and without each "
+                "concept, which only the contrastive alignment draws: add model.net.alignment=contrastive"
+            )
         k, c = len(self.concept_names), self.net.cw_layer.num_features
         for stage in ("val", "test"):
             setattr(self, f"{stage}_concept_auc", ConceptAUC(k))
@@ -358,6 +371,50 @@ class ConceptWhiteningModule(ClassificationModule):
         for layer in layers.values():
             if not isinstance(layer, SyncConceptWhitening2d):  # the synced layer broadcasts itself
                 dist.broadcast(layer.running_rot, src=0)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        weight = float(self.hparams.get("concept_loss_weight", 0.0))
+        if weight > 0 and self.concept_names:
+            axis = int(self.global_step) % len(self.concept_names)  # one concept per step, in turn
+            concept = self.concept_feature_loss(axis)
+            self.log("train/concept_feature_loss", concept.detach(), on_step=True, on_epoch=True)
+            loss = loss + weight * concept
+        return loss
+
+    def concept_feature_loss(self, axis: int) -> torch.Tensor:
+        """Contrastive loss of axis ``axis`` on one concept batch ``x+`` and its paired negatives ``x-``.
+
+        ``0.5 * (mean_i softplus(a_i- - a_i+) + mean_{i,k} softplus(a_k- - a_i+))`` with ``a = phi_j(z(x))``:
+        the axis' pooled activation (``net.activation_mode``) of the (first) whitening layer's output ``z``,
+        with the running statistics and the current rotation. The first term is logistic regression on the
+        paired difference (on PartShapes ``x_i-`` is ``x_i+`` re-rendered without the concept: the edit the
+        intervention metric applies); the second ranks every image with the concept above every image
+        without it across images, a pairwise surrogate of the concept AUC. The gradient reaches the layers
+        *before* the whitening layer only: the rotation keeps following the alignment update (Chen, Bei &
+        Rudin 2020, Eq. 3, contrastive here) and the statistics are not moved by concept images.
+
+        Why: the paper trains the trunk on the class labels alone, so a rotation can only align an axis with a
+        concept the features already separate. On PartShapes' default classes the part shapes are not needed
+        to tell the classes apart, and the circle axis follows circle edits at chance
+        (``benchmarks/concepts_results*.md``). This term (an extension, off by default) asks the features to
+        encode each concept along its axis.
+        """
+        layer = self.net.cw_layer
+        pos = self._next_concept_batch(axis)
+        neg = self._next_concept_batch(axis, negative=True)
+        was_training = self.net.training
+        self.net.eval()  # running statistics: concept images neither use nor move the batch statistics
+        try:
+            z = forward_until(self.net, layer, torch.cat([pos, neg]), capture="output")
+        finally:
+            self.net.train(was_training)
+        a = pool_axes(z[:, axis : axis + 1], self.net.activation_mode)[:, 0]
+        a_pos, a_neg = a[: len(pos)], a[len(pos) :]
+        paired = F.softplus(-(a_pos - a_neg)).mean()
+        # every image with the concept above every image without it: a pairwise AUC surrogate across images
+        ranked = F.softplus(-(a_pos[:, None] - a_neg[None, :])).mean()
+        return 0.5 * (paired + ranked)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         every = int(self.hparams.align_every)

@@ -475,3 +475,157 @@ def test_iternorm_polynomial_reaches_the_inverse_square_root_only_with_more_iter
         assert lo <= float(ev.min()) <= hi, (T, ev.min())
         assert float(ev.max()) < 1.0 + 1e-6, (T, ev.max())
     assert float(torch.linalg.cond(sigma)) > 1e5  # the spread that makes T=10 fall short
+
+
+# -- the feature loss (model.concept_loss_weight) --------------------------------------------------------
+def _feature_loss_module(weight: float = 1.0, alignment: str = "contrastive"):
+    from interpzoo.models.lit_concept_whitening import ConceptWhiteningModule
+
+    data_info = {"num_classes": 4, "in_chans": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    return ConceptWhiteningModule(
+        net={"name": "cw_resnet18s", "backbone": {"name": "resnet18s", "width": 8}, "alignment": alignment},
+        concepts=["a", "b", "c"],
+        data_info=data_info,
+        baselines=False,
+        concept_loss_weight=weight,
+    )
+
+
+def test_feature_loss_is_the_paired_logistic_loss_and_moves_only_the_layers_before_the_whitening() -> None:
+    torch.manual_seed(0)
+    module = _feature_loss_module()
+    net = module.net
+    net.train()
+    for _ in range(3):  # running statistics away from their initial values
+        net(torch.rand(16, 3, 32, 32))
+    g = torch.Generator().manual_seed(1)
+    pos, neg = torch.rand(6, 3, 32, 32, generator=g), torch.rand(6, 3, 32, 32, generator=g)
+    module._next_concept_batch = lambda j, negative=False: neg if negative else pos
+    buffers = {k: v.clone() for k, v in net.named_buffers()}
+    axis = 1
+    loss = module.concept_feature_loss(axis)
+    assert net.training  # restored
+    # brute force: the network's own concept activations (eval mode, running statistics); the matched pairs
+    # and every (with, without) pair across images, averaged
+    net.eval()
+    with torch.no_grad():
+        a_pos, a_neg = net(pos).concept_activations[:, axis], net(neg).concept_activations[:, axis]
+    net.train()
+    paired = sum(float(F.softplus(-(a_pos[i] - a_neg[i]))) for i in range(6)) / 6
+    ranked = sum(float(F.softplus(-(a_pos[i] - a_neg[k]))) for i in range(6) for k in range(6)) / 36
+    want = torch.tensor(0.5 * (paired + ranked))
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    grads = {k: p.grad for k, p in net.named_parameters()}
+    assert (
+        grads["backbone.body.conv1.weight"] is not None
+        and grads["backbone.body.conv1.weight"].abs().sum() > 0
+    )
+    assert grads["backbone.body.layer2.0.conv1.weight"].abs().sum() > 0
+    # nothing after the whitened layer (layer3.0.bn1) takes part; no statistic moved
+    assert grads["classifier.weight"] is None
+    assert all(grads[k] is None for k in grads if k.startswith("backbone.body.layer4."))
+    for k, v in net.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+
+
+def test_feature_loss_needs_paired_negatives_and_a_non_negative_weight() -> None:
+    with pytest.raises(ValueError, match="model.net.alignment=contrastive"):
+        _feature_loss_module(1.0, alignment="paper")
+    with pytest.raises(ValueError, match="concept_loss_weight must be >= 0"):
+        _feature_loss_module(-1.0)
+    assert _feature_loss_module(0.0, alignment="paper").hparams.concept_loss_weight == 0.0
+
+
+def _paired_right_way(net, pos, neg, concepts: list[str], n: int) -> list[float]:
+    """Share of held-out pairs whose concept image scores above its re-render without the concept, per axis."""
+    net.eval()
+    with torch.no_grad():
+        out = []
+        for j, c in enumerate(concepts):
+            a_pos = net(torch.stack([pos[c][i]["image"] for i in range(n)])).concept_activations[:, j]
+            a_neg = net(torch.stack([neg[c][i]["image"] for i in range(n)])).concept_activations[:, j]
+            out.append(float((a_pos > a_neg).float().mean()))
+    return out
+
+
+def test_the_feature_loss_teaches_the_trunk_colour_and_texture_edits_on_held_out_pairs() -> None:
+    """Minimising ``concept_feature_loss`` on PartShapes' training pairs (one concept per step, as
+    ``training_step`` does) makes the red and stripe axes follow their concept's edit on *held-out* pairs:
+    the loss trains features that generalise, not the probe images."""
+    from interpzoo.datamodules.partshapes_dm import PartShapesDataModule
+
+    concepts = ["has_red", "has_striped", "has_circle"]
+    torch.manual_seed(0)
+    module = ConceptWhiteningModuleForTest(concepts)
+    net = module.net
+    dm = PartShapesDataModule(concepts=concepts, n_concept_train=96, n_concept_test=48)
+    train_pos, train_neg = dm.concept_datasets("train"), dm.concept_negative_datasets("train")
+    test_pos, test_neg = dm.concept_datasets("test"), dm.concept_negative_datasets("test")
+    net.train()
+    with torch.no_grad():  # running statistics of PartShapes images, not of the initial zeros
+        for k in range(4):
+            net(torch.stack([train_pos[c][i]["image"] for c in concepts for i in range(8 * k, 8 * k + 8)]))
+    before = _paired_right_way(net, test_pos, test_neg, concepts, 48)
+    g = torch.Generator().manual_seed(0)
+    drawn: dict[int, torch.Tensor] = {}
+
+    def batch(j: int, negative: bool = False) -> torch.Tensor:
+        c = concepts[j]
+        if not negative:
+            drawn[j] = torch.randperm(96, generator=g)[:16]
+        ds = train_neg[c] if negative else train_pos[c]
+        return torch.stack([ds[int(i)]["image"] for i in drawn[j]])  # the negatives pair with the positives
+
+    module._next_concept_batch = batch
+    net.train()
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=3e-3)
+    for step in range(60):
+        opt.zero_grad()
+        module.concept_feature_loss(step % len(concepts)).backward()
+        opt.step()
+    after = _paired_right_way(net, test_pos, test_neg, concepts, 48)
+    # measured: before 0.79 / 0.48 / 0.69, after 1.00 / 0.90 / 0.50. The circle axis does not learn (as in
+    # benchmarks/concepts_results.md): asserted on colour and texture only
+    assert after[0] >= 0.95 and after[1] >= 0.8, (before, after)
+    assert after[1] > before[1] + 0.25, (before, after)
+
+
+def ConceptWhiteningModuleForTest(concepts: list[str]):  # noqa: N802 (a factory named like the class it builds)
+    from interpzoo.models.lit_concept_whitening import ConceptWhiteningModule
+
+    data_info = {"num_classes": 10, "in_chans": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    return ConceptWhiteningModule(
+        net={
+            "name": "cw_resnet18s",
+            "backbone": {"name": "resnet18s", "width": 8},
+            "alignment": "contrastive",
+        },
+        concepts=concepts,
+        data_info=data_info,
+        baselines=False,
+        concept_loss_weight=1.0,
+    )
+
+
+def test_training_step_adds_the_weighted_feature_loss_of_one_concept_per_step() -> None:
+    """``training_step`` = the class loss + ``concept_loss_weight`` x the feature loss of axis
+    ``global_step % K`` (the class loss recomputed here on the same batch: train-mode outputs use batch
+    statistics, so a second forward gives the same logits)."""
+    from interpzoo.models.lit_base import ClassificationModule
+
+    torch.manual_seed(0)
+    module = _feature_loss_module(3.0)
+    module.net.train()
+    calls: list[int] = []
+    module.concept_feature_loss = lambda axis: calls.append(axis) or torch.tensor(0.25)
+    module.log = lambda *a, **k: None  # no Trainer here
+    module.check_finite_loss = lambda *a, **k: None
+    batch = {"image": torch.rand(8, 3, 32, 32), "label": torch.randint(0, 4, (8,))}
+    loss = module.training_step(batch, 0)
+    base = ClassificationModule.training_step(module, batch, 0)
+    torch.testing.assert_close(loss.detach(), base.detach() + 3.0 * 0.25)
+    assert calls == [0]  # global_step 0 -> the first concept
+    module.hparams.concept_loss_weight = 0.0
+    torch.testing.assert_close(module.training_step(batch, 0).detach(), base.detach())
+    assert calls == [0]  # weight 0: the paper's training, no concept forward at all

@@ -19,6 +19,8 @@ from tests.conftest import ROOT
 
 CONCEPTS = ["has_red", "has_striped", "has_circle"]
 METHODS = ["BN", "paper CW", "contrastive CW", "CBM", "BN best filter", "BN linear probe (CAV)"]
+# the row of --concept-loss-weight > 0 (model.concept_loss_weight), after contrastive CW when present
+FEATURE = "contrastive CW + feature loss"
 
 
 def _value(cell: str) -> float:
@@ -43,7 +45,11 @@ def _table(text: str) -> dict[str, dict[str, float]]:
 
 def check_results(text: str) -> None:
     rows = _table(text)
-    assert list(rows) == METHODS
+    want = list(METHODS)
+    if FEATURE in rows:
+        want.insert(want.index("contrastive CW") + 1, FEATURE)
+        assert "model.concept_loss_weight=" in text
+    assert list(rows) == want
     for method, row in rows.items():
         for column, v in row.items():
             assert math.isnan(v) or 0.0 <= v <= 1.0, (method, column, v)
@@ -61,13 +67,17 @@ def check_results(text: str) -> None:
         == rows["BN linear probe (CAV)"]["test acc"]
         == rows["BN"]["test acc"]
     )
-    c = rows["contrastive CW"]
-    met = (
-        min(c[f"AUC {x}"] for x in CONCEPTS) >= 0.85
-        and min(c[f"right way {x}"] for x in CONCEPTS) >= 0.90
-        and c["test acc"] >= rows["BN"]["test acc"] - 0.01 - 1e-3
-    )
-    assert ("**met**" if met else "**not met**") in text
+    for name in ("contrastive CW", FEATURE):
+        if name not in rows:
+            continue
+        c = rows[name]
+        met = (
+            min(c[f"AUC {x}"] for x in CONCEPTS) >= 0.85
+            and min(c[f"right way {x}"] for x in CONCEPTS) >= 0.90
+            and c["test acc"] >= rows["BN"]["test acc"] - 0.01 - 1e-3
+        )
+        verdict = next(ln for ln in text.splitlines() if ln.startswith(f"Issue targets for {name} ("))
+        assert verdict.endswith("**met**." if met else "**not met**."), verdict
     assert "Command: `python benchmarks/concepts.py" in text and "Seed " in text and "Machine: " in text
 
 
@@ -142,6 +152,12 @@ def test_report_verdict_and_skipped_rows(auc: float) -> None:
     text = mod.report(args, results, 1.0, [])
     assert set(_table(text)) == {"BN", "contrastive CW", "BN best filter", "BN linear probe (CAV)"}
     assert "CBM:" not in text and "| paper CW |" not in text
+    # the feature-loss row: its own verdict line, and the header names the weight
+    results = _fake_results(np.random.default_rng(1), auc)
+    results[FEATURE] = {**results["contrastive CW"], "auc": [0.95] * 3, "intervention": [0.8] * 3}
+    text = mod.report(mod._args(["--concept-loss-weight", "5"]), results, 1.0, ["--concept-loss-weight", "5"])
+    check_results(text)
+    assert f"Issue targets for {FEATURE} (" in text and "model.concept_loss_weight=5" in text
     with pytest.raises(SystemExit):
         mod._args(["--T", "0"])
     with pytest.raises(SystemExit):
