@@ -14,7 +14,8 @@ What a resumed run needs besides the weights, and where it comes from:
 * each method's own state (ProtoPNet's push record and pruning mask are buffers; concept whitening's
   position in its concept streams is saved by its ``on_save_checkpoint``).
 
-``last.ckpt`` is written at the end of every epoch (``ModelCheckpoint(save_last=True)``); a run killed
+``last.ckpt`` is written at the end of every epoch (``callbacks.last_checkpoint``, a monitor-less
+``ModelCheckpoint``: ``save_last=True`` next to a monitor writes it only in epochs that improve it); a run killed
 mid-epoch resumes from the last completed epoch and replays the interrupted one.
 """
 

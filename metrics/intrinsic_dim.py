@@ -26,7 +26,10 @@ def twonn_ratios(x: torch.Tensor) -> torch.Tensor:
     d.fill_diagonal_(math.inf)
     r, _ = torch.topk(d, k=2, dim=1, largest=False)
     r1, r2 = r[:, 0], r[:, 1]
-    keep = (r1 > 0) & (r2 > r1)
+    # cdist's matmul route leaves ~1e-8 * |x| where the exact distance is 0 (the size depends on the CPU's
+    # kernels): distances and ties below that are exact zeros and exact ties
+    tol = 1e-6 * float(x.norm(dim=1).max()) if len(x) else 0.0
+    keep = (r1 > tol) & (r2 - r1 > tol)
     return r2[keep] / r1[keep]
 
 

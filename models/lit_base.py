@@ -284,8 +284,28 @@ class ClassificationModule(InterpModule):
         self._step(batch, "test")
 
     def on_train_start(self) -> None:
-        # The sanity check ran validation on an untrained model: do not let it set the best value.
+        # The sanity check ran validation on an untrained model: do not let it set the best value. A resumed
+        # run keeps the best of the epochs before the kill (restored by on_load_checkpoint).
+        best = self._resumed_val_acc_best
         self.val_acc_best.reset()
+        if best is not None:
+            self.val_acc_best.update(best.to(self.device))
+            self._resumed_val_acc_best = None
+
+    # torchmetrics states are not in the state_dict: the best validation accuracy so far travels in the
+    # checkpoint itself, so that a killed and resumed run logs the same val/acc_best as an uninterrupted one
+    _resumed_val_acc_best: torch.Tensor | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.val_acc_best.update_count > 0:  # its state, not compute(): no collective while saving
+            # (each rank updated it with the same all-reduced val/acc)
+            checkpoint["val_acc_best"] = self.val_acc_best.max_value.detach().cpu().clone()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        best = checkpoint.get("val_acc_best")
+        self._resumed_val_acc_best = best if isinstance(best, torch.Tensor) else None
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

@@ -107,6 +107,7 @@ def test_training_with_two_processes_equals_one(make_cfg, tmp_path, case) -> Non
         )
         cfg.paths.output_dir = str(out)
         cfg.callbacks.model_checkpoint.dirpath = str(out / "checkpoints")
+        cfg.callbacks.last_checkpoint.dirpath = str(out / "checkpoints")
         runs[trainer] = (train(cfg), _state(out / "checkpoints" / "last.ckpt"))
     (m1, w1), (m2, w2) = runs["default"], runs["ddp_sim"]
     assert w1.keys() == w2.keys()

@@ -45,7 +45,15 @@ def test_twonn_ratios_match_brute_force() -> None:
 def test_twonn_drops_duplicates() -> None:
     x = torch.randn(40, 4, generator=torch.Generator().manual_seed(2))
     x = torch.cat([x, x[:5]])
-    assert twonn_ratios(x).numel() == 30  # the 10 duplicated points have r1 = 0
+    # brute force, one difference at a time: the 10 duplicated points have r1 = 0, and a point whose two
+    # nearest neighbours are the two copies of one point has r1 = r2 (a tie); both are dropped
+    xd = x.double()
+    kept = 0
+    for i in range(len(xd)):
+        r = sorted(float((xd[i] - xd[j]).norm()) for j in range(len(xd)) if j != i)
+        kept += r[0] > 0 and r[1] > r[0]
+    assert kept < 35  # ties exist in this set (the duplicates alone leave 35)
+    assert twonn_ratios(x).numel() == kept
 
 
 def test_optimizer_param_groups_and_errors() -> None:

@@ -163,7 +163,8 @@ def test_eigh_route_matches_the_float64_iteration(cond: float, dtype: torch.dtyp
     p, iters, msg = _guarded_ns(s, 10, "raise", solver="eigh")
     assert iters == 10 and msg is None and p.dtype == dtype
     scale = float(exact.abs().max())
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    # float64: both sides round at ~cond * eps (measured 1.1e-10 relative at cond 1e5 on one CPU, less on another)
+    tol = 1e-5 if dtype == torch.float32 else max(1e-10, 1e-14 * cond)
     assert float((p.detach().double() - exact).abs().max()) < tol * scale
     unrolled32 = _ns(s_n64.float(), 10).double()
     assert float((p.detach().double() - exact).abs().max()) <= max(
