@@ -382,7 +382,13 @@ def _write_metrics(out_dir: Path, metrics: dict[str, float]) -> None:
 
 def _best_checkpoint(trainer: pl.Trainer) -> str | None:
     for cb in trainer.callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.best_model_path and Path(cb.best_model_path).is_file():
+        # a monitor-less ModelCheckpoint (callbacks.last_checkpoint) keeps the latest epoch, not a selected one
+        if (
+            isinstance(cb, ModelCheckpoint)
+            and cb.monitor is not None
+            and cb.best_model_path
+            and Path(cb.best_model_path).is_file()
+        ):
             return cb.best_model_path
     return None
 
