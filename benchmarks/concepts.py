@@ -115,11 +115,24 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--image-size", type=int, default=32, help="PartShapes image side in pixels (32-64)")
     p.add_argument(
+        "--pose",
+        default="fixed",
+        choices=("fixed", "varied"),
+        help="pose of the training images and concept probes (data.pose); the scored splits always vary it",
+    )
+    p.add_argument(
         "--skip",
         nargs="*",
         default=[],
         choices=SKIPPABLE,
         help="methods not to run while exploring (the report then lacks their rows; commit full runs only)",
+    )
+    p.add_argument(
+        "--concept-probes",
+        default="part",
+        choices=("part", "scene"),
+        help="concept probe images (data.concept_probes): one part on background, or whole images with the "
+        "concept edited in / out",
     )
     p.add_argument("--concept-samples", type=int, default=200, help="probe images per concept (CW alignment)")
     p.add_argument("--samples", type=int, default=300, help="images of the varied-pose test and val splits")
@@ -313,6 +326,8 @@ def make_datamodule(args: argparse.Namespace, concept_samples: int | None = None
         seed=args.seed,
         class_seed=args.class_seed,
         minimal_pairs=tuple(args.minimal_pairs),
+        pose=args.pose,
+        concept_probes=args.concept_probes,
     )
     dm.setup("fit")
     return dm

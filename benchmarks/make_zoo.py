@@ -63,7 +63,8 @@ def _recipes() -> dict[str, list[str]]:
             f"seed={s}",
         ]
     for s in (0, 1, 2):
-        # contrastive alignment and the feature loss, exact whitening, population statistics (issue 15)
+        # contrastive alignment and the feature loss on scene probes, exact whitening, population statistics
+        # (issue 15)
         out[f"cw_resnet18s.partshapes_s{s}"] = [
             "model=cw",
             *NARROW,
@@ -71,14 +72,21 @@ def _recipes() -> dict[str, list[str]]:
             *PS_SMALL,
             "model.net.alignment=contrastive",
             "model.concept_loss_weight=5",
+            "data.concept_probes=scene",
+            "data.n_concept_train=2000",
             "model.net.T=40",
             "model.net.solver=eigh",
             "model.precise_statistics_batches=20",
             "model.baselines=false",
             "model.permutation_importance=false",
             "model.concept_eval_samples=100",
-            "model.align_every=2",
-            "trainer.max_epochs=5",
+            "data.batch_size=32",
+            "model.align_every=5",
+            "trainer.max_epochs=10",
+            # validation accuracy reaches 1 in a few epochs and a tie keeps the earliest checkpoint, which would
+            # throw away the epochs that train the concept axes: select on the validation loss instead
+            "model.monitor=val/loss",
+            "model.monitor_mode=min",
             f"seed={s}",
         ]
     for s in (0, 1, 2):  # joint CBM on all 66 PartShapes concepts (the model config's default)

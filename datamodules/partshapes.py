@@ -65,6 +65,8 @@ FOUR_PART_NAMES: tuple[str, ...] = ("head", "body", "wing", "tail")
 
 SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 PROBE_SPLIT_OFFSET = 100
+# scene probes (whole images with a concept edited in or out) draw from streams of their own
+SCENE_PROBE_OFFSET = 200
 FAMILIES: tuple[str, ...] = ("shape", "colour", "texture")
 _N_CANDIDATES = 8  # distractor position candidates per distractor
 # texture as an adjective in class display names; solid is the unmarked case and is left out
@@ -396,6 +398,7 @@ class PartShapesRenderer:
 
         self._classes = self._sample_classes()
         self._build_concepts()
+        self._carriers: dict[int, np.ndarray] = {}  # concept column -> concept_carriers, for scene probes
         # number of uniforms per draw (fixed so every sample consumes the same stream layout)
         k, nd = self.num_slots, self.num_distractors
         self._n_u = 7 + k + 6 + 1 + nd * (4 + 2 * _N_CANDIDATES) + 4
@@ -892,6 +895,107 @@ class PartShapesRenderer:
         """Rendered :meth:`draw_probe_negative` (its concept vector has ``concept`` off)."""
         return self.sample_from_spec(self.draw_probe_negative(concept, split, index))
 
+    def draw_scene_probe(self, concept: str, split: str, index: int, negative: bool = False) -> SampleSpec:
+        """Scene probe ``index`` of ``concept``: a whole image of the data's distribution with the concept on
+        (``negative=False``) or off (``negative=True``), the two differing by one edit.
+
+        The scene is drawn like a held-out sample (a class creature with all its parts, distractors, noise,
+        this renderer's pose) from streams of its own (never a training, val or test image). Where the
+        concept is absent one part's shape / colour / texture is changed to a value that carries it; where
+        present every part carrying it is changed to a value that does not (:func:`concept_edit`, the edits
+        the scorecard's intervention metric applies). The positive and the negative are the same scene, so
+        their difference is the concept's own effect, in context: the part's neighbours, distractors and pose
+        are those a test image has. Compare :meth:`draw_probe` (one part on an empty background).
+        ``spec.label`` is the concept's index in :attr:`concept_names`.
+        """
+        ci = self.concept_index(concept)
+        sid = _split_id(split)
+        carriers = self._carriers.get(ci)
+        if carriers is None:
+            carriers = self._carriers[ci] = concept_carriers(self, ci)
+        for attempt in range(64):  # a scene whose parts cannot carry the concept is redrawn
+            key = [SCENE_PROBE_OFFSET + sid, ci, int(index), attempt]
+            u, z = self._draw_streams(key)
+            label = int(self._rng([*key, 1]).integers(self.num_classes))
+            spec = self._spec_from_streams(u, z, split, int(index), label, train=False)
+            edit = concept_edit(carriers, spec.attrs, spec.present, self._rng([*key, 2]))
+            if edit is not None:
+                break
+        else:
+            raise ValueError(f"concept {concept!r}: no scene of this renderer can be edited to show it")
+        replace, sign = edit
+        edited = self.intervene(spec, replace_part=replace)
+        # sign +1: the scene lacked the concept and the edit adds it; -1: it had it and the edit removes it
+        out = spec if (sign > 0) == negative else edited
+        out.label = ci
+        return out
+
+
+def concept_carriers(renderer: Any, column: int) -> np.ndarray:
+    """``(K, S, C, T)`` bool: does slot ``k`` drawn as (shape ``s``, colour ``c``, texture ``t``) carry the
+    concept in column ``column`` of the renderer's concept vector (``renderer.concepts_of`` of that part alone).
+
+    Works for per-slot concepts (``head_colour_red``) and presence concepts (``has_red``, ``has_striped``)
+    alike, with no knowledge of how the renderer names them.
+    """
+    k = renderer.num_slots
+    sizes = (len(renderer.shapes), len(renderer.colours), len(renderer.textures))
+    out = np.zeros((k, *sizes), dtype=bool)
+    for slot in range(k):
+        present = np.zeros(k, dtype=bool)
+        present[slot] = True
+        for s in range(sizes[0]):
+            for c in range(sizes[1]):
+                for t in range(sizes[2]):
+                    attrs = np.zeros((k, 3), dtype=np.int64)
+                    attrs[slot] = (s, c, t)
+                    out[slot, s, c, t] = renderer.concepts_of(attrs, present)[column] > 0.5
+    return out
+
+
+def concept_edit(
+    carriers: np.ndarray, attrs: np.ndarray, present: np.ndarray, rng: np.random.Generator
+) -> tuple[dict[int, dict[str, int]], int] | None:
+    """One-attribute edits that add the concept (if absent) or remove it (if present).
+
+    Args:
+        carriers: ``(K, S, C, T)`` from :func:`concept_carriers`.
+        attrs: ``(K, 3)`` (shape, colour, texture) indices of the sample; present: ``(K,)`` bool.
+        rng: picks among the valid edits.
+
+    Returns:
+        ``(replace_part, sign)`` for ``renderer.render(..., replace_part=...)``: ``{slot: {family: value}}``
+        and ``+1`` (added) or ``-1`` (removed); ``None`` when no single-attribute edit exists.
+    """
+    carrying = [int(i) for i in np.flatnonzero(present) if carriers[(i, *attrs[i])]]
+
+    def changes(slot: int, want: bool) -> list[tuple[int, int]]:
+        out = []
+        for f, n in enumerate(carriers.shape[1:]):
+            for v in range(n):
+                if v == attrs[slot, f]:
+                    continue
+                a = attrs[slot].copy()
+                a[f] = v
+                if bool(carriers[(slot, *a)]) == want:
+                    out.append((f, v))
+        return out
+
+    if carrying:  # remove: every carrying part loses the concept
+        edit: dict[int, dict[str, int]] = {}
+        for slot in carrying:
+            options = changes(slot, False)
+            if not options:
+                return None
+            f, v = options[int(rng.integers(len(options)))]
+            edit[slot] = {FAMILIES[f]: int(v)}
+        return edit, -1
+    options3 = [(int(i), f, v) for i in np.flatnonzero(present) for f, v in changes(int(i), True)]
+    if not options3:
+        return None
+    slot, f, v = options3[int(rng.integers(len(options3)))]
+    return {slot: {FAMILIES[f]: int(v)}}, 1
+
 
 # ----------------------------------------------------------------------------------------------
 # torch Datasets
@@ -1062,6 +1166,10 @@ class PartShapesConceptDataset(Dataset):
 
     ``negative=True``: item ``i`` is probe ``i`` with the concept removed
     (:meth:`PartShapesRenderer.draw_probe_negative`), the paired negative of contrastive alignment.
+
+    ``scene=True``: whole images of the data's distribution with the concept edited in (or, with
+    ``negative=True``, out) instead of one part on background (:meth:`PartShapesRenderer.draw_scene_probe`);
+    ``"concept_mask"`` is then the pixels of the parts that carry the concept (empty for a negative).
     """
 
     def __init__(
@@ -1072,6 +1180,7 @@ class PartShapesConceptDataset(Dataset):
         n: int,
         grayscale: bool = False,
         negative: bool = False,
+        scene: bool = False,
     ) -> None:
         renderer.concept_index(concept)
         _split_id(split)
@@ -1081,6 +1190,7 @@ class PartShapesConceptDataset(Dataset):
         self.n = int(n)
         self.grayscale = grayscale
         self.negative = bool(negative)
+        self.scene = bool(scene)
 
     def __len__(self) -> int:
         return self.n
@@ -1089,14 +1199,20 @@ class PartShapesConceptDataset(Dataset):
         index = int(index)
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for probe set of size {self.n}")
-        render = self.renderer.render_probe_negative if self.negative else self.renderer.render_probe
-        smp = render(self.concept, self.split, index)
+        if self.scene:
+            r = self.renderer
+            smp = r.sample_from_spec(r.draw_scene_probe(self.concept, self.split, index, self.negative))
+            mask = r.concept_masks(smp)[smp.label]
+        else:
+            render = self.renderer.render_probe_negative if self.negative else self.renderer.render_probe
+            smp = render(self.concept, self.split, index)
+            mask = smp.part_map > 0
         return {
             "image": image_to_tensor(smp.image, self.grayscale),
             "label": torch.tensor(smp.label, dtype=torch.long),
             "index": torch.tensor(index, dtype=torch.long),
             "concepts": torch.from_numpy(smp.concepts),
-            "concept_mask": torch.from_numpy(smp.part_map > 0),
+            "concept_mask": torch.from_numpy(mask),
         }
 
 

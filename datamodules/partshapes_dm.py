@@ -65,6 +65,10 @@ class PartShapesDataModule(BaseDataModule):
             split drawn like :meth:`ground_truth_dataset`: random rotation, the creature moved by up to 12 %
             of the side), so that a part is no longer where it usually is. Part-location scores are read on
             varied poses; a model trained on fixed poses is out of distribution there.
+        concept_probes: what a concept probe image is: ``"part"`` (the default, as in the paper's concept
+            datasets: one part that shows the concept on an empty background) or ``"scene"`` (a whole image of
+            this data's distribution, pose included, with the concept edited in; its paired negative has it
+            edited out: :meth:`PartShapesRenderer.draw_scene_probe`).
         cache: pre-render every split into memory at setup.
         return_concept_masks: add ``"concept_masks"`` ``(N, H, W)`` to every item.
         batch_size, num_workers, pin_memory: loader settings (see :class:`BaseDataModule`).
@@ -98,6 +102,7 @@ class PartShapesDataModule(BaseDataModule):
         position_jitter: float = 0.02,
         random_rotation: bool = False,
         pose: str = "fixed",
+        concept_probes: str = "part",
         cache: bool = False,
         return_concept_masks: bool = False,
         batch_size: int = 64,
@@ -136,6 +141,12 @@ class PartShapesDataModule(BaseDataModule):
                 f"data.pose={pose!r}: use 'fixed' (the default layout) or 'varied' (random rotation and position)"
             )
         self.pose = pose
+        if concept_probes not in ("part", "scene"):
+            raise DataError(
+                f"data.concept_probes={concept_probes!r}: use 'part' (each probe one part on an empty background) "
+                "or 'scene' (whole images of the data with the concept edited in or out)"
+            )
+        self.concept_probes = concept_probes
         if pose == "varied":
             self.renderer = self.renderer.with_pose()
         self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
@@ -244,7 +255,9 @@ class PartShapesDataModule(BaseDataModule):
             raise DataError(f"concept split must be 'train', 'val' or 'test', got {split!r}")
         n = self.n_concept_train if split == "train" else self.n_concept_test
         return {
-            c: PartShapesConceptDataset(self.renderer, c, split, n, grayscale=self.grayscale)
+            c: PartShapesConceptDataset(
+                self.renderer, c, split, n, grayscale=self.grayscale, scene=self.concept_probes == "scene"
+            )
             for c in self.concepts
         }
 
@@ -261,6 +274,14 @@ class PartShapesDataModule(BaseDataModule):
             raise DataError(f"concept split must be 'train', 'val' or 'test', got {split!r}")
         n = self.n_concept_train if split == "train" else self.n_concept_test
         return {
-            c: PartShapesConceptDataset(self.renderer, c, split, n, grayscale=self.grayscale, negative=True)
+            c: PartShapesConceptDataset(
+                self.renderer,
+                c,
+                split,
+                n,
+                grayscale=self.grayscale,
+                negative=True,
+                scene=self.concept_probes == "scene",
+            )
             for c in self.concepts
         }

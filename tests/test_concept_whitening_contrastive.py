@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -325,6 +326,59 @@ def test_partshapes_negatives_are_the_probes_without_the_concept(concept: str) -
     assert next(iter(loaders[concept]))["concepts"][:, col].sum() == 0
 
 
+@pytest.mark.parametrize("concept", ["has_red", "has_striped", "has_circle", "head_shape_circle"])
+@pytest.mark.parametrize("pose", ["fixed", "varied"])
+def test_scene_probes_are_in_distribution_scenes_with_the_concept_edited_in_and_out(
+    concept: str, pose: str
+) -> None:
+    from interpzoo.datamodules.partshapes_dm import PartShapesDataModule
+
+    dm = PartShapesDataModule(
+        concepts=[concept], n_concept_train=16, n_concept_test=16, concept_probes="scene", pose=pose
+    )
+    r = dm.renderer
+    col = r.concept_index(concept)
+    pos, neg = dm.concept_datasets("train")[concept], dm.concept_negative_datasets("train")[concept]
+    n_parts, edited_in = [], 0
+    for i in range(len(pos)):
+        p, n = pos[i], neg[i]
+        assert p["concepts"][col] == 1 and n["concepts"][col] == 0
+        # one scene: only the pixels of the parts whose attribute the edit changed differ
+        sp, sn = (
+            r.draw_scene_probe(concept, "train", i),
+            r.draw_scene_probe(concept, "train", i, negative=True),
+        )
+        assert np.array_equal(sp.xy0, sn.xy0) and np.array_equal(sp.present, sn.present)
+        assert np.array_equal(sp.d_attrs, sn.d_attrs) and sp.noise == sn.noise
+        changed_parts = np.flatnonzero((sp.attrs != sn.attrs).any(1))
+        assert len(changed_parts) >= 1 and (sp.attrs != sn.attrs).sum(1).max() == 1  # one attribute per part
+        changed = (p["image"] != n["image"]).any(0).numpy()
+        # a shape edit also changes pixels that are background on one side: the union of both part maps
+        in_part = np.isin(r.sample_from_spec(sp).part_map, changed_parts + 1)
+        in_part |= np.isin(r.sample_from_spec(sn).part_map, changed_parts + 1)
+        assert changed.any() and in_part[changed].all()
+        # a whole creature of the class table (not one part on an empty background), with distractors drawn
+        n_parts.append(int(sp.present.sum()))
+        edited_in += int(len(changed_parts) == 1 and r.concepts_of(sp.attrs, sp.present)[col] == 1)
+    assert min(n_parts) == r.num_slots
+    assert edited_in > 0  # scenes that lacked the concept had it added
+    # train and test probes are different scenes
+    test_pos = dm.concept_datasets("test")[concept]
+    assert not any(torch.equal(pos[i]["image"], test_pos[i]["image"]) for i in range(4))
+    # the renderer's pose: with it varied the head moves around the image between scenes
+    spread = np.ptp(
+        np.stack([r.draw_scene_probe(concept, "train", i).xy0[0] for i in range(16)]), axis=0
+    ).max()
+    assert spread > 15 if pose == "varied" else spread <= 10
+
+
+def test_concept_probes_must_be_part_or_scene() -> None:
+    from interpzoo.datamodules.partshapes_dm import PartShapesDataModule
+
+    with pytest.raises(DataError, match="data.concept_probes='scenes'.*'part'.*'scene'"):
+        PartShapesDataModule(concept_probes="scenes")
+
+
 def test_datamodule_without_negatives_says_how_to_fix() -> None:
     from interpzoo.datamodules.base import BaseDataModule
 
@@ -371,6 +425,8 @@ def test_train_with_contrastive_alignment_end_to_end(make_cfg, tmp_path) -> None
             "model.permutation_importance=false",
             "data.n_concept_train=32",
             "data.n_concept_test=16",
+            "data.concept_probes=scene",  # the experiment's setting: whole scenes edited, and the feature loss
+            "model.concept_loss_weight=1",
             "trainer.max_epochs=1",
             "report=false",
             "~callbacks.scorecard",
@@ -511,6 +567,9 @@ def test_feature_loss_is_the_paired_logistic_loss_and_moves_only_the_layers_befo
     with torch.no_grad():
         a_pos, a_neg = net(pos).concept_activations[:, axis], net(neg).concept_activations[:, axis]
     net.train()
+    # in units of the axis' spread over the 12 images (sample std): whitening removes any other scale
+    sd = float(torch.cat([a_pos, a_neg]).std())
+    a_pos, a_neg = a_pos / sd, a_neg / sd
     paired = sum(float(F.softplus(-(a_pos[i] - a_neg[i]))) for i in range(6)) / 6
     ranked = sum(float(F.softplus(-(a_pos[i] - a_neg[k]))) for i in range(6) for k in range(6)) / 36
     want = torch.tensor(0.5 * (paired + ranked))
@@ -527,6 +586,26 @@ def test_feature_loss_is_the_paired_logistic_loss_and_moves_only_the_layers_befo
     assert all(grads[k] is None for k in grads if k.startswith("backbone.body.layer4."))
     for k, v in net.named_buffers():
         assert torch.equal(v, buffers[k]), k
+
+
+def test_feature_loss_is_blind_to_the_scale_that_whitening_removes() -> None:
+    """Scaling the axis (what the next whitening update undoes) cannot lower the loss: it is computed in units of
+    the axis' spread, so the trunk must separate the pairs better, not just amplify them."""
+    torch.manual_seed(0)
+    module = _feature_loss_module()
+    net = module.net
+    net.train()
+    for _ in range(3):
+        net(torch.rand(16, 3, 32, 32))
+    g = torch.Generator().manual_seed(1)
+    pos, neg = torch.rand(6, 3, 32, 32, generator=g), torch.rand(6, 3, 32, 32, generator=g)
+    module._next_concept_batch = lambda j, negative=False: neg if negative else pos
+    layer = net.cw_layer
+    before = module.concept_feature_loss(0).detach()
+    with torch.no_grad():  # the same features, three times larger, along every whitened direction
+        layer.running_wm.mul_(3.0)
+    after = module.concept_feature_loss(0).detach()
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
 
 
 def test_feature_loss_needs_paired_negatives_and_a_non_negative_weight() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from interpzoo.datamodules.partshapes import concept_carriers, concept_edit
 from interpzoo.metrics.calibration import Score
 from interpzoo.scorecard.common import NoGroundTruth
 
@@ -28,74 +29,6 @@ __all__ = [
     "concept_rows",
     "edited_images",
 ]
-
-FAMILIES = ("shape", "colour", "texture")
-
-
-def concept_carriers(renderer: Any, column: int) -> np.ndarray:
-    """``(K, S, C, T)`` bool: does slot ``k`` drawn as (shape ``s``, colour ``c``, texture ``t``) carry the
-    concept in column ``column`` of the renderer's concept vector (``renderer.concepts_of`` of that part alone).
-
-    Works for per-slot concepts (``head_colour_red``) and presence concepts (``has_red``, ``has_striped``)
-    alike, with no knowledge of how the renderer names them.
-    """
-    k = renderer.num_slots
-    sizes = (len(renderer.shapes), len(renderer.colours), len(renderer.textures))
-    out = np.zeros((k, *sizes), dtype=bool)
-    for slot in range(k):
-        present = np.zeros(k, dtype=bool)
-        present[slot] = True
-        for s in range(sizes[0]):
-            for c in range(sizes[1]):
-                for t in range(sizes[2]):
-                    attrs = np.zeros((k, 3), dtype=np.int64)
-                    attrs[slot] = (s, c, t)
-                    out[slot, s, c, t] = renderer.concepts_of(attrs, present)[column] > 0.5
-    return out
-
-
-def concept_edit(
-    carriers: np.ndarray, attrs: np.ndarray, present: np.ndarray, rng: np.random.Generator
-) -> tuple[dict[int, dict[str, int]], int] | None:
-    """One-attribute edits that add the concept (if absent) or remove it (if present).
-
-    Args:
-        carriers: ``(K, S, C, T)`` from :func:`concept_carriers`.
-        attrs: ``(K, 3)`` (shape, colour, texture) indices of the sample; present: ``(K,)`` bool.
-        rng: picks among the valid edits.
-
-    Returns:
-        ``(replace_part, sign)`` for ``renderer.render(..., replace_part=...)``: ``{slot: {family: value}}``
-        and ``+1`` (added) or ``-1`` (removed); ``None`` when no single-attribute edit exists.
-    """
-    carrying = [int(i) for i in np.flatnonzero(present) if carriers[(i, *attrs[i])]]
-
-    def changes(slot: int, want: bool) -> list[tuple[int, int]]:
-        out = []
-        for f, n in enumerate(carriers.shape[1:]):
-            for v in range(n):
-                if v == attrs[slot, f]:
-                    continue
-                a = attrs[slot].copy()
-                a[f] = v
-                if bool(carriers[(slot, *a)]) == want:
-                    out.append((f, v))
-        return out
-
-    if carrying:  # remove: every carrying part loses the concept
-        edit: dict[int, dict[str, int]] = {}
-        for slot in carrying:
-            options = changes(slot, False)
-            if not options:
-                return None
-            f, v = options[int(rng.integers(len(options)))]
-            edit[slot] = {FAMILIES[f]: int(v)}
-        return edit, -1
-    options3 = [(int(i), f, v) for i in np.flatnonzero(present) for f, v in changes(int(i), True)]
-    if not options3:
-        return None
-    slot, f, v = options3[int(rng.integers(len(options3)))]
-    return {slot: {FAMILIES[f]: int(v)}}, 1
 
 
 @dataclass
