@@ -245,43 +245,35 @@ class PartShapesDataModule(BaseDataModule):
 
     # -- concept probe sets -------------------------------------------------------------------
     def concept_datasets(self, split: str = "train") -> dict[str, Dataset]:
-        """``{concept: PartShapesConceptDataset}`` for ``self.concepts``.
+        """``{concept: PartShapesConceptDataset}`` for ``self.concepts`` (``data.concept_probes``: one part on
+        background, or whole scenes with the concept edited in).
 
         ``split`` "train" (axis alignment, ``n_concept_train`` images each) or "test"/"val" (held out
         for concept AUC, ``n_concept_test`` each). Item ``"label"`` is the concept's index in
         :attr:`concept_names`.
         """
-        if split not in ("train", "val", "test"):
-            raise DataError(f"concept split must be 'train', 'val' or 'test', got {split!r}")
-        n = self.n_concept_train if split == "train" else self.n_concept_test
-        return {
-            c: PartShapesConceptDataset(
-                self.renderer, c, split, n, grayscale=self.grayscale, scene=self.concept_probes == "scene"
-            )
-            for c in self.concepts
-        }
+        return self._probe_sets(split, negative=False)
 
     def concept_negative_datasets(self, split: str = "train") -> dict[str, Dataset]:
         """``{concept: negatives}`` for contrastive concept whitening, keyed like :meth:`concept_datasets`.
 
         Item ``i`` is probe ``i`` of :meth:`concept_datasets` re-rendered with the concept removed (same
         layout, noise, part and other attributes; only the attribute carrying the concept is changed, see
-        :meth:`PartShapesRenderer.draw_probe_negative`): paired interventions, so the difference of their
+        :meth:`PartShapesRenderer.draw_probe_negative` and, for scene probes,
+        :meth:`PartShapesRenderer.draw_scene_probe`): paired interventions, so the difference of their
         mean activations is the concept's own effect. Works for presence (``has_red``) and per-slot
         (``head_colour_red``) concepts; each item's ``"concepts"`` vector has the concept off.
         """
+        return self._probe_sets(split, negative=True)
+
+    def _probe_sets(self, split: str, negative: bool) -> dict[str, Dataset]:
         if split not in ("train", "val", "test"):
             raise DataError(f"concept split must be 'train', 'val' or 'test', got {split!r}")
         n = self.n_concept_train if split == "train" else self.n_concept_test
+        scene = self.concept_probes == "scene"
         return {
             c: PartShapesConceptDataset(
-                self.renderer,
-                c,
-                split,
-                n,
-                grayscale=self.grayscale,
-                negative=True,
-                scene=self.concept_probes == "scene",
+                self.renderer, c, split, n, grayscale=self.grayscale, negative=negative, scene=scene
             )
             for c in self.concepts
         }

@@ -391,9 +391,10 @@ class ConceptWhiteningModule(ClassificationModule):
         the batch's positives and negatives together. The scale matters: without ``s`` the cheapest way down
         is to amplify the axis, which the next whitening update divides out again; on PartShapes' circle axis
         that left the training pairs themselves unfitted (paired right way 0.90 at best, AUC 0.62-0.73),
-        while with ``s`` only a better separation lowers the loss (training pairs fitted, AUC 0.98). The first term is logistic regression on the
-        paired difference (on PartShapes ``x_i-`` is ``x_i+`` re-rendered without the concept: the edit the
-        intervention metric applies); the second ranks every image with the concept above every image
+        while with ``s`` only a better separation lowers the loss (training pairs fitted, AUC 0.98).
+
+        The first term is logistic regression on the paired difference (on PartShapes ``x_i-`` is ``x_i+``
+        re-rendered without the concept: the edit the intervention metric applies); the second ranks every image with the concept above every image
         without it across images, a pairwise surrogate of the concept AUC. The gradient reaches the layers
         *before* the whitening layer only: the rotation keeps following the alignment update (Chen, Bei &
         Rudin 2020, Eq. 3, contrastive here) and the statistics are not moved by concept images.
